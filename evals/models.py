@@ -21,7 +21,7 @@ from sage_evals.policy import Decoding, Generation, Policy
 from sage_gym.errors import SageError
 
 SMOLLM2 = "smollm2-135m"
-SCRIPTED = ("expert", "random")
+SCRIPTED = ("expert", "handcoded", "random")
 BUILTINS = (SMOLLM2, *SCRIPTED)
 SPEC_FORMS = (f"a built-in name ({', '.join(BUILTINS)}), a local transformers model folder (or hf:PATH), "
               "openai:NAME (with --base-url), or vllm:PATH")
@@ -55,6 +55,13 @@ class ScriptedAgent:
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def chat_text(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """A chat rendered with the tokenizer's chat template, thinking disabled (SPEC section 2): the one
+    rendering of prompts for generation, scoring and training."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         enable_thinking=False)
 
 
 def turn_seed(seed: int, episode_id: str, turn: int) -> int:
@@ -153,9 +160,7 @@ class HFPolicy:
 
     def prompt_ids(self, conversation: list[dict[str, str]]) -> list[int]:
         """The chat template applied with a generation prompt and thinking disabled."""
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True,
-                                                  enable_thinking=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(chat_text(self.tokenizer, conversation), add_special_tokens=False)["input_ids"]
 
     def generate(self, conversations, decoding: Decoding, stop: list[str],
                  seeds: list[int] | None = None) -> list[Generation]:

@@ -243,10 +243,12 @@ def _params(fn) -> set[str]:
 def evaluate(policy: str | Policy, env_id: str, seeds: Sequence[int] = (0,), workers: int = 4,
              limit: int | None = None, out_dir: str | Path | None = None, decoding: Decoding | None = None,
              env_kwargs: dict[str, Any] | None = None, env_server: str | None = None, model_opts: dict | None = None,
-             max_retries: int = 2, timeout: float = 600.0, progress: bool = True) -> dict[str, Any]:
+             max_retries: int = 2, timeout: float = 600.0, progress: bool = True,
+             episode_ids: Sequence[str] | None = None) -> dict[str, Any]:
     """Evaluate ``policy`` (a model spec string or a live Policy) on the panel of ``env_id`` for each seed.
 
-    The panel is the env's ``episode_ids[:limit]``. Writes the run folder ``out_dir``
+    The panel is the env's ``episode_ids[:limit]``, or the given ``episode_ids`` (ids of that env, in
+    that order, e.g. a seeded sample of a train split). Writes the run folder ``out_dir``
     (docs/run-format.md), resuming it when it already holds part of this run, and returns the summary.
     ``env_kwargs`` go to the env (e.g. ``max_turns``, ``history_window``, ``data_dir``); ``timeout``
     bounds one env reply before its worker counts as hung. A worker that dies or raises is
@@ -270,7 +272,11 @@ def evaluate(policy: str | Policy, env_id: str, seeds: Sequence[int] = (0,), wor
     try:
         most = limit * len(seeds) if limit else None  # no more workers than episodes
         pool = EnvPool(spec, max(1, min(workers, most or workers)), env_kwargs, env_server, timeout)
-        panel = pool.info["episode_ids"][:limit]
+        panel = pool.info["episode_ids"][:limit] if episode_ids is None else list(episode_ids)[:limit]
+        unknown = sorted(set(panel) - set(pool.info["episode_ids"]))
+        if unknown or not panel:
+            raise SageError(f"episode_ids must be a non-empty list of {env_id} episode ids; not in its panel: "
+                            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
         settings = {
             "model": model_name, "model_kind": policy_kind(loaded), "env_id": env_id,
             "env_kwargs": {k: str(v) if isinstance(v, Path) else v for k, v in env_kwargs.items() if k != "data_dir"},
