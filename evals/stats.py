@@ -107,3 +107,16 @@ def paired_bootstrap(scores_a: Sequence[float], scores_b: Sequence[float], n_res
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(means, [alpha, 1 - alpha])
     return PairedDifference(float(d.mean()), (float(lo), float(hi)), int(d.size), n_resamples, seed)
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties counting half
+    (the Mann-Whitney U statistic over n_pos * n_neg); None without both classes."""
+    from scipy.stats import rankdata
+
+    s, y = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -86,6 +86,8 @@ class RolloutConfig:
     max_new_tokens: int = 512
     from_file: str | None = None  # train on a saved RolloutBatch (JSON) every step instead of collecting
     env_processes: bool = False  # one worker process per env: resets and steps of the batch run in parallel
+    episode_ids: list[str] | None = None  # sample episodes from these ids of env_id only (a fixed game pool)
+    env_kwargs: dict[str, Any] = field(default_factory=dict)  # more env options, e.g. {expert_labels: true}
 
 
 @dataclass
@@ -138,6 +140,7 @@ class LogConfig:
     wandb_project: str = "sage-opd"
     save_every: int = 50
     keep_checkpoints: int = 2
+    judge_turns: bool = False  # write judge_turns.jsonl: every judged turn's p_yes and i (and expert label, if any)
 
 
 @dataclass
@@ -212,6 +215,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a list, got {type(value).__name__} {value!r}")
         (item,) = get_args(tp)
         return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__} {value!r}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping of {', '.join(_fields(tp))}; got {value!r}")
@@ -251,23 +258,24 @@ def build(cls, data: dict[str, Any], path: str = ""):
     return cls(**kwargs)
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b.c`` in a nested dict, checking every part against the dataclass fields."""
-    cls, node, path = TrainConfig, data, ""
+def set_dotted(data: dict[str, Any], dotted: str, value: Any, root: type | None = None) -> None:
+    """Set ``a.b.c`` in a nested dict, checking every part against the fields of dataclass ``root``
+    (default ``TrainConfig``); below a free-form mapping field the keys are set as given."""
+    cls, node, path = root or TrainConfig, data, ""
     parts = dotted.split(".")
     for i, part in enumerate(parts):
-        fields = _fields(cls)
-        if part not in fields:
+        fields = _fields(cls) if cls is not None else None
+        if fields is not None and part not in fields:
             raise _unknown(part, path, list(fields))
         path = f"{path}.{part}" if path else part
         if i == len(parts) - 1:
             node[part] = value
             return
-        tp = fields[part]
-        if not dataclasses.is_dataclass(tp):
+        tp = fields[part] if fields is not None else dict
+        if not (dataclasses.is_dataclass(tp) or tp is dict or get_origin(tp) is dict):
             raise ConfigError(f"{path!r} is a value ({tp}), not a section: cannot set {dotted!r}")
         node = node.setdefault(part, {})
-        cls = tp
+        cls = tp if dataclasses.is_dataclass(tp) else None
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -292,7 +300,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"Config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     cfg = build(TrainConfig, data)
     validate(cfg)
     return cfg

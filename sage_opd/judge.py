@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sage_evals.models import chat_text
 from sage_gym.formatting import INVALID_REASONS
 
 MODES = ("judge", "all", "random", "inverted")
@@ -62,6 +63,16 @@ class JudgeTurn:
     response: str
     feedback: str
     invalid_reason: str | None = None
+
+
+def judgment_messages(turn: JudgeTurn, history_messages: int) -> list[dict[str, str]]:
+    """The judgment prompt as a chat (system, user): the task, the last ``history_messages`` messages
+    before the response (system message dropped), the response and the feedback that followed it."""
+    recent = [m for m in turn.history if m.get("role") != "system"][-history_messages:] if history_messages else []
+    history = "\n".join(f"[{m['role']}] {m['content']}" for m in recent) or "(none)"
+    return [{"role": "system", "content": JUDGE_SYSTEM},
+            {"role": "user", "content": JUDGE_TEMPLATE.format(task=turn.task, history=history, response=turn.response,
+                                                              feedback=turn.feedback)}]
 
 
 @dataclass
@@ -123,14 +134,7 @@ class TurnJudge:
 
     def render_text(self, turn: JudgeTurn) -> str:
         """The judgment prompt in the teacher's chat template, ending with the assistant generation prompt."""
-        recent = [m for m in turn.history if m.get("role") != "system"][-self.config.history_messages:] \
-            if self.config.history_messages else []
-        history = "\n".join(f"[{m['role']}] {m['content']}" for m in recent) or "(none)"
-        messages = [{"role": "system", "content": JUDGE_SYSTEM},
-                    {"role": "user", "content": JUDGE_TEMPLATE.format(task=turn.task, history=history,
-                                                                      response=turn.response, feedback=turn.feedback)}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                  enable_thinking=False)
+        return chat_text(self.tokenizer, judgment_messages(turn, self.config.history_messages))
 
     def render(self, turn: JudgeTurn) -> list[int]:
         """Token ids of the judgment prompt."""

@@ -302,7 +302,8 @@ class Trainer:
                                                                              r.world)])
         if self.collector is None:
             self.collector = RolloutCollector(cfg.rollout.env_id, len(share) or 1, cfg.rollout.max_turns,
-                                              cfg.rollout.history_window, processes=cfg.rollout.env_processes)
+                                              cfg.rollout.history_window, processes=cfg.rollout.env_processes,
+                                              episode_ids=cfg.rollout.episode_ids, env_kwargs=cfg.rollout.env_kwargs)
         ids = self.collector.sample_episode_ids(total, cfg.optim.seed, step)
         seed = derive_seed(cfg.optim.seed, step)
         decoding = Decoding(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
@@ -347,10 +348,23 @@ class Trainer:
         result = self.judge([JudgeTurn(t.task, t.messages, t.text, t.feedback, t.invalid_reason) for t in distilled])
         decided = iter(result.interventions)
         interventions = [1.0 if imitated(t, self.cfg.algorithm) else next(decided) for t in turns]
+        if self.cfg.log.judge_turns and self.dist.main:
+            self._log_judged(step, distilled, result)
         stats["judge_calls"] = result.stats.judge_calls
         for reason, n in result.stats.short_circuit.items():
             stats[f"short_circuit/{reason}"] = n
         return interventions, stats
+
+    def _log_judged(self, step: int, turns: list[TurnRecord], result) -> None:
+        """Append each judged turn (p_yes, i, the action and the env expert's move when known) to judge_turns.jsonl
+        (rank 0's turns), for analysing the judge on real rollouts."""
+        lines = [json.dumps({"step": step, "episode": t.episode, "turn": t.turn, "p_yes": p, "intervention": i,
+                             "action": t.action, "expert_action": t.expert_action})
+                 for t, p, i in zip(turns, result.p_yes, result.interventions) if p is not None]
+        with (self.out_dir / "judge_turns.jsonl").open("a") as f:
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
 
     def accumulate(self, turns: list[TurnRecord], interventions: list[float], timer: PhaseTimer) -> dict[str, float]:
         """Backpropagate sum(w * l) over this rank's turns in ``optim.grad_accum`` micro-batches; return sums."""
@@ -377,12 +391,12 @@ class Trainer:
                         scores = DenseTeacher(scores.hidden, scores.weight[: self.vocab])
             with timer("loss"):
                 s_hidden, s_weight = self.student_hidden(batch)
-                res: MicroResult = micro_batch_loss(s_hidden, s_weight[: self.vocab], scores, batch.response_mask,
+                res: MicroResult = micro_batch_loss(s_hidden, s_weight[: self.vocab], scores, batch.turn_index,
                                                     batch.target_ids, weights, is_imitated, self.loss_cfg)
                 res.weighted_loss.backward()
                 if self.loss_cfg.token_loss != "reverse_kl" and isinstance(scores, DenseTeacher):
                     res.kl_sum = reverse_kl_sum(s_hidden.detach(), s_weight[: self.vocab].detach(), scores.hidden,
-                                                scores.weight, batch.response_mask, is_imitated, weights,
+                                                scores.weight, batch.turn_index, is_imitated, weights,
                                                 self.loss_cfg.chunk_tokens)
                 elif self.loss_cfg.token_loss != "reverse_kl":
                     res.kl_sum = float("nan")  # a server teacher gives top-k only: no full-vocabulary KL
@@ -486,9 +500,9 @@ class Trainer:
             if not isinstance(teacher, DenseTeacher):
                 raise SageError("token_kl needs an in-process teacher (full vocabulary)")
             s_hidden, s_weight = self.student_hidden(batch)
-            n = batch.input_ids.shape[0]
+            n = len(turns[lo:lo + batch_size])
             total += reverse_kl_sum(s_hidden, s_weight[: self.vocab], teacher.hidden, teacher.weight[: self.vocab],
-                                    batch.response_mask, torch.zeros(n, dtype=torch.bool, device=self.device),
+                                    batch.turn_index, torch.zeros(n, dtype=torch.bool, device=self.device),
                                     torch.ones(n, device=self.device), self.loss_cfg.chunk_tokens)
             count += batch.num_response_tokens
         return total / max(count, 1)
@@ -577,12 +591,13 @@ class Trainer:
         self.step = state["step"]
 
     def _truncate_metrics(self) -> None:
-        """On resume, drop logged steps past the checkpoint so the log reads like one run."""
-        if not self.metrics_path.exists():
-            return
-        lines = [ln for ln in self.metrics_path.read_text().splitlines()
-                 if ln.strip() and json.loads(ln).get("step", -1) < self.step]
-        self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
+        """On resume, drop logged steps past the checkpoint so the logs read like one run."""
+        for path in (self.metrics_path, self.out_dir / "judge_turns.jsonl"):
+            if not path.exists():
+                continue
+            lines = [ln for ln in path.read_text().splitlines()
+                     if ln.strip() and json.loads(ln).get("step", -1) < self.step]
+            path.write_text("".join(ln + "\n" for ln in lines))
 
     # ---- logging and the loop -------------------------------------------------------------------------
     def log(self, metrics: dict[str, Any]) -> None:
