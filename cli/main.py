@@ -27,7 +27,8 @@ def main() -> None:
 
 # Command modules import their heavy dependencies (torch, textworld, ...) inside the commands,
 # so `sage --help` stays fast.
-from sage_cli import evaluate as _evaluate, gym as _gym, report as _report, serve as _serve, train as _train  # noqa: E402
+from sage_cli import evaluate as _evaluate, gym as _gym, report as _report, serve as _serve, study as _study  # noqa: E402
+from sage_cli import train as _train  # noqa: E402
 from sage_cli.retriever import retriever_app as _retriever_app  # noqa: E402
 
 app.command("envs")(_gym.envs)
@@ -41,3 +42,4 @@ app.command("report")(_report.report)
 app.command("serve")(_serve.serve)
 app.add_typer(_retriever_app, name="retriever")
 app.command("train")(_train.train)
+app.command("study")(_study.study)
