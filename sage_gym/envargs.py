@@ -119,17 +119,24 @@ def check_seed(seed: Any) -> int:
     return value
 
 
-def parse_env_arg(text: str) -> tuple[str, Any]:
-    """``"topk=5"`` -> ``("topk", 5)``: the value is read as YAML (numbers, true/false, null, strings)."""
+def parse_key_value(text: str, what: str, example: str, error: type[SageError]) -> tuple[str, Any]:
+    """``"key=value"`` -> ``(key, value)`` with the value read as YAML (numbers, true/false, null, strings, lists),
+    as `sage train` overrides and `sage evaluate --env-arg` take them; ``error`` names ``what`` was wrong."""
     import yaml
 
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise EnvArgError(f"--env-arg {text!r} must look like key=value, e.g. topk=5 or prompt_format=search-r1")
+        raise error(f"{what} {text!r} must look like key=value, e.g. {example}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
-        value = raw
+        raise error(f"{what} {text!r}: the value is not valid YAML; quote strings, e.g. {key.strip()}='\"...\"'") \
+            from None
+
+
+def parse_env_arg(text: str) -> tuple[str, Any]:
+    """``"topk=5"`` -> ``("topk", 5)``; a value must be a number, true/false, null or a string."""
+    key, value = parse_key_value(text, "--env-arg", "topk=5 or prompt_format=search-r1", EnvArgError)
     if isinstance(value, (list, dict)):
         raise EnvArgError(f"--env-arg {text!r}: the value must be a number, true/false, null or a string")
-    return key.strip(), value
+    return key, value

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from sage_gym.durable import atomic_write
+from sage_gym.envargs import parse_key_value
 from sage_gym.errors import SageError
 
 ALGORITHMS = ("opd", "sage_opd", "guided_opd", "sft")
@@ -274,18 +275,7 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """``["optim.lr=1e-5", "lora.enabled=true"]`` -> ``[(key, yaml-parsed value), ...]``."""
-    out = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"Override {item!r} must look like key=value with a dotted key, e.g. optim.lr=1e-5")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            raise ConfigError(f"Override {item!r}: the value is not valid YAML; quote strings, e.g. "
-                              f"{key.strip()}='\"...\"'") from None
-        out.append((key.strip(), value))
-    return out
+    return [parse_key_value(item, "Override", "optim.lr=1e-5 (a dotted key)", ConfigError) for item in overrides]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
