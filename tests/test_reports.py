@@ -151,6 +151,10 @@ def test_run_folder_errors_are_clear(tmp_path):
     (run / "episodes.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(RunFormatError, match=r"episodes.jsonl:3 is not valid JSON"):
         load_run(run)
+    lines[2] = "3"
+    (run / "episodes.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(RunFormatError, match=r"episodes.jsonl:3 holds a JSON int, not an object"):
+        load_run(run)
 
 
 # ---- compare ----------------------------------------------------------------------------
