@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from sage_cli.console import make_console
@@ -42,10 +43,14 @@ def evaluate(
     env_server: Optional[str] = typer.Option(None, help="Use envs served at this URL (`sage serve`) instead of local ones."),
     retries: int = typer.Option(2, min=0, help="Retries of an episode whose env worker crashed."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
+    env_arg: List[str] = typer.Option(None, "--env-arg", help="Env option key=value (repeatable), e.g. topk=5, "
+                                                               "prompt_format=search-r1, simplifications=easy."),
+    max_error_share: float = typer.Option(0.1, min=0.0, max=1.0,
+                                          help="Exit with code 3 when more than this share of episodes errored."),
 ) -> None:
     """Evaluate a model on an env panel: writes episodes.jsonl as it goes and summary.json at the end."""
     from sage_evals.policy import Decoding
-    from sage_evals.runner import default_out_dir, evaluate as run_evaluation
+    from sage_evals.runner import check_errors, default_out_dir, evaluate as run_evaluation
 
     if model.startswith("openai:"):
         opts = {"base_url": base_url, "api_key": api_key}
@@ -57,9 +62,29 @@ def evaluate(
     summary = run_evaluation(
         model, env, seeds=_seeds(seeds), workers=workers, limit=limit, out_dir=out,
         decoding=Decoding(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens),
-        env_kwargs={"data_dir": data_dir, "max_turns": max_turns, "history_window": history_window},
+        env_kwargs=_env_kwargs(env_arg or [], data_dir=data_dir, max_turns=max_turns, history_window=history_window),
         env_server=env_server, model_opts=opts, max_retries=retries, progress=progress)
     _print_summary(summary, out)
+    check_errors(summary, max_error_share)
+
+
+def _env_kwargs(env_args: list[str], **options) -> dict:
+    """--env-arg key=value pairs plus the dedicated options (--max-turns ...); a key given twice is refused."""
+    from sage_gym.envargs import parse_env_arg
+
+    kwargs: dict = {}
+    for text in env_args:
+        key, value = parse_env_arg(text)
+        if key in kwargs:
+            raise typer.BadParameter(f"--env-arg {key} is given twice")
+        kwargs[key] = value
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key in kwargs and kwargs[key] != value:
+            raise typer.BadParameter(f"--env-arg {key}={kwargs[key]!r} contradicts --{key.replace('_', '-')} {value}")
+        kwargs[key] = value
+    return kwargs
 
 
 def _print_summary(s: dict, out: Path) -> None:
@@ -81,6 +106,10 @@ def _print_summary(s: dict, out: Path) -> None:
     table.add_row("turns (mean)", f"{s['turns_mean']:.1f}")
     table.add_row("episodes / minute", f"{s['timing'].get('episodes_per_minute', 0):.2f}")
     console.print(table)
+    if s["n_errors"]:
+        console.print(f"[bold red]{s['n_errors']} of {s['n_episodes']} episodes errored[/] (counted as failures):")
+        for cause, n in s.get("errors_by_cause", {}).items():
+            console.print(f"  [red]{n} x[/] {escape(cause)}")
 
 
 def serve_model(

@@ -16,12 +16,22 @@ console = Console(stderr=True)
 
 
 def main() -> None:
-    """Entry point of the console script: user errors print one clear line, not a traceback."""
+    """Entry point of the console script: user errors print one clear line, not a traceback, and exit
+    non-zero (2, or the error's own ``exit_code``, e.g. 3 for a run whose episodes errored)."""
     try:
         app()
     except SageError as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}")  # escape: messages name extras like [pyserini]
-        sys.exit(2)
+        fail(str(err), getattr(err, "exit_code", 2))
+    except OSError as err:
+        if err.filename is None:  # not about a file the user named: a bug, keep its traceback
+            raise
+        fail(f"{err.strerror or err}: {err.filename}", 2)
+
+
+def fail(message: str, code: int) -> None:
+    # escape: messages name extras like [pyserini]; soft_wrap: one line, whatever the terminal width
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    sys.exit(code)
 
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -141,8 +142,13 @@ class HFPolicy:
 
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            except (OSError, ValueError, KeyError, TypeError) as err:  # missing weights, unknown architecture, ...
+                why = " ".join((str(err).strip() or type(err).__name__).split())[:300]
+                raise ModelNotFoundError(f"cannot load a transformers model from {str(path)!r}: {why}") from err
+            model = model.to(device).eval()
         if tokenizer is None:
             raise ValueError("HFPolicy(model=...) also needs the model's tokenizer=")
         if not getattr(tokenizer, "chat_template", None):
@@ -222,6 +228,14 @@ def check_model_folder(path: Path) -> None:
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{str(path)!r} is not a transformers model folder (no config.json in it). "
                                  "Pass a folder written by save_pretrained, or one of: " + SPEC_FORMS + ".")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelNotFoundError(f"{str(path / 'config.json')!r} is not valid JSON ({err}); a transformers model "
+                                 "folder holds the config.json written by save_pretrained") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelNotFoundError(f"{str(path / 'config.json')!r} has no \"model_type\"; a transformers model folder "
+                                 "holds the config.json written by save_pretrained")
 
 
 # ---- openai ------------------------------------------------------------------------------------

@@ -65,7 +65,9 @@ def _plots(env_id: str, runs: list[Run], rows: dict[str, Row]) -> str:
         bars = ax.bar(x[:-1] + offset, [100 * row.per_seed.get(s, np.nan) for s in seeds], width=width, label=run.name)
         err = None
         if row.success_ci95:
-            err = [[100 * (row.success_mean - row.success_ci95[0])], [100 * (row.success_ci95[1] - row.success_mean)]]
+            # an interval end that rounds past the mean is a zero-length bar, never a negative one
+            err = [[100 * max(0.0, row.success_mean - row.success_ci95[0])],
+                   [100 * max(0.0, row.success_ci95[1] - row.success_mean)]]
         ax.bar(x[-1:] + offset, [100 * row.success_mean], width=width, yerr=err, capsize=3,
                color=bars.patches[0].get_facecolor() if bars.patches else None)
     ax.set_xticks(x, labels)

@@ -9,7 +9,7 @@ failures with score 0 (they are also counted in ``n_errors``).
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from statistics import mean, stdev
 from typing import Any, Iterable
 
@@ -27,7 +27,8 @@ def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float,
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the interval holds p; float rounding can put an end a hair past it (e.g. 2.8e-17 for 0 of 6)
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 def bootstrap_interval(values: list[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
@@ -67,6 +68,7 @@ def summarize(records: Iterable[dict], settings: dict, timing: dict | None = Non
         "settings": settings,
         "n_episodes": len(records),
         "n_errors": sum(1 for r in records if r.get("error")),
+        "errors_by_cause": dict(Counter(r.get("error_cause") or "unknown" for r in records if r.get("error"))),
         "success": metric_summary(records, "success", binary=True),
         "score": metric_summary(records, "score", binary=False),
         "per_task_type": {t: {"n": len(rs), "success": mean(float(r["success"]) for r in rs),

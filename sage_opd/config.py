@@ -17,6 +17,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from sage_gym.durable import atomic_write
+from sage_gym.envargs import parse_key_value
 from sage_gym.errors import SageError
 
 ALGORITHMS = ("opd", "sage_opd", "guided_opd", "sft")
@@ -59,7 +61,8 @@ class TeacherConfig:
 
 @dataclass
 class LossConfig:
-    """SPEC section 4 options. ``opd`` forces intervention=all, confidence=none, normalization=standard."""
+    """SPEC section 4 options. ``opd`` and ``guided_opd`` force intervention=all, confidence=none and
+    normalization=standard (sum(l) / N); ``sage_opd`` takes preserve or none."""
 
     token_loss: Literal["reverse_kl", "sampled", "forward_kl", "jsd"] = "reverse_kl"
     jsd_beta: float = 0.5
@@ -280,13 +283,7 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any, root: type | None 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """``["optim.lr=1e-5", "lora.enabled=true"]`` -> ``[(key, yaml-parsed value), ...]``."""
-    out = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"Override {item!r} must look like key=value with a dotted key, e.g. optim.lr=1e-5")
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
-    return out
+    return [parse_key_value(item, "Override", "optim.lr=1e-5 (a dotted key)", ConfigError) for item in overrides]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -296,7 +293,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"Config file {str(path)!r} does not exist (see configs/ for examples)")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"Config file {str(path)!r} is not valid YAML{at}: {problem}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"Config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
     for key, value in parse_overrides(overrides or []):
@@ -319,9 +322,12 @@ def validate(cfg: TrainConfig) -> None:
     needs_teacher = cfg.algorithm != "sft" or cfg.sft.source == "teacher"
     if needs_teacher and not (cfg.teacher.path or cfg.teacher.server_url):
         raise ConfigError(f"algorithm {cfg.algorithm!r} needs teacher.path (or teacher.server_url)")
+    if cfg.algorithm == "sage_opd" and cfg.loss.normalization == "standard":
+        raise ConfigError("loss.normalization=standard (sum(l) / N, no turn selection) is what algorithm=opd uses; "
+                          "sage_opd accepts preserve (sum(w l) / sum(w)) or none (sum(w l) / N)")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -151,6 +151,10 @@ def test_run_folder_errors_are_clear(tmp_path):
     (run / "episodes.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(RunFormatError, match=r"episodes.jsonl:3 is not valid JSON"):
         load_run(run)
+    lines[2] = "3"
+    (run / "episodes.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(RunFormatError, match=r"episodes.jsonl:3 holds a JSON int, not an object"):
+        load_run(run)
 
 
 # ---- compare ----------------------------------------------------------------------------
@@ -210,6 +214,30 @@ def _report_runs(tmp_path: Path) -> Path:
     recs[1]["invalid_turns"]["schema_violation"] = 1
     write_run(root / "big__alfworld-unseen", "big", recs)
     return root
+
+
+def test_wilson_interval_always_holds_the_rate():
+    from sage_evals.summary import wilson_interval
+
+    for n in range(1, 60):
+        for k in range(n + 1):
+            lo, hi = wilson_interval(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)  # 0 of 6 gave lo = 2.8e-17 > 0
+
+
+def test_report_plots_runs_whose_interval_ends_round_past_the_mean(tmp_path):
+    """`sage report` on an expert run (4 of 4) and a random run (0 of 6), one seed each: no matplotlib crash."""
+    from sage_evals.leaderboard import Row
+    from sage_evals.report import _plots
+
+    a = write_run(tmp_path / "A", "expert", [record(f"e{i}", 0, True) for i in range(4)])
+    b = write_run(tmp_path / "B", "random", [record(f"e{i}", 0, False) for i in range(6)])
+    result = CliRunner().invoke(app, ["report", str(a), str(b), "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    assert "<svg" in (tmp_path / "r.html").read_text()
+    row = Row("run", "m", "alfworld-unseen", 0.5, 0.1, (0.5 + 1e-12, 0.9), 0.5, 4, [0], 0.0, 0, "",
+              {TYPES[0]: {"n": 4, "success": 0.5, "score": 0.5}}, {0: 0.5})  # an end past the mean by rounding
+    assert "<svg" in _plots("alfworld-unseen", [load_run(a)], {"A": row})
 
 
 def test_report_is_self_contained_and_embeds_capped_trajectories(tmp_path):
