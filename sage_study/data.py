@@ -49,11 +49,11 @@ def play(policy: str, env_id: str, episode_ids: Sequence[str], out_dir: str | Pa
          progress: bool = True) -> list[dict]:
     """Play ``episode_ids`` once each with ``policy`` (a model path or a scripted agent such as ``handcoded``)
     through ``sage_evals.runner.evaluate`` with expert labels on; returns the episode records (resumable)."""
-    from sage_evals.runner import RunFolder, evaluate
+    from sage_evals.runner import RunFolder, check_errors, evaluate
 
-    evaluate(policy, env_id, seeds=[seed], workers=workers, episode_ids=list(episode_ids), out_dir=out_dir,
-             decoding=decoding, env_kwargs={"max_turns": max_turns, "expert_labels": True},
-             model_opts=model_opts, progress=progress)
+    check_errors(evaluate(policy, env_id, seeds=[seed], workers=workers, episode_ids=list(episode_ids),
+                          out_dir=out_dir, decoding=decoding, env_kwargs={"max_turns": max_turns, "expert_labels": True},
+                          model_opts=model_opts, progress=progress))
     return RunFolder(out_dir).records()
 
 

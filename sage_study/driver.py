@@ -23,11 +23,11 @@ console = Console(stderr=True)
 
 
 def atomic_json(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` atomically and durably."""
-    from sage_evals.runner import _atomic_write
+    """Write JSON to ``path`` atomically and durably (its folder made if needed)."""
+    from sage_gym.durable import atomic_write_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, obj)
+    atomic_write_json(path, obj)
 
 
 @dataclass
@@ -121,8 +121,10 @@ class Study:
         """Run the missing stages (``only``: just those whose name starts with one of these) and return
         every stage's record."""
         import torch
+        from transformers.utils import logging as hf_logging
 
         torch.set_num_threads(self.cfg.torch_threads)
+        hf_logging.disable_progress_bar()  # the stages show their own progress
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_json(self.out / "study-config.json", self.cfg.to_dict())
         stages = self.stages()

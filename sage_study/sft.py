@@ -68,6 +68,7 @@ class SftConfig:
     max_len: int = 4096  # longer examples are dropped (and counted)
     max_grad_norm: float = 1.0
     seed: int = 0
+    autocast_bf16: bool = False  # forward in bf16 autocast (weights and optimiser stay fp32): ~2x on CPUs with AVX512-BF16
 
 
 @dataclass
@@ -134,7 +135,8 @@ def train_sft(model, tokenizer, examples: Sequence[ChatExample], cfg: SftConfig,
                 labels[row, :n] = torch.tensor(encoded[i][1])
                 mask[row, :n] = 1
             ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
             target = labels[:, 1:]
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                                    ignore_index=IGNORE)
@@ -158,16 +160,16 @@ def train_sft(model, tokenizer, examples: Sequence[ChatExample], cfg: SftConfig,
 
 
 def save_model(model, tokenizer, dest: str | Path) -> Path:
-    """``save_pretrained`` into ``dest`` atomically (a temporary folder renamed into place)."""
+    """``save_pretrained`` into ``dest`` atomically and durably (a temporary folder swapped into place)."""
+    from sage_gym.durable import replace_dir
+
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        replace_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -149,7 +149,7 @@ def judge_eval(study: Study) -> dict[str, Any]:
 # ---- evaluation and training --------------------------------------------------------------------------
 def evaluate_model(study: Study, name: str, model_path: str) -> dict[str, Any]:
     """``model_path`` on each evaluation panel (fixed prefixes) with the evaluation seeds, through sage_evals."""
-    from sage_evals.runner import evaluate
+    from sage_evals.runner import check_errors, evaluate
 
     cfg, ecfg, out = study.cfg, study.cfg.eval, {}
     for panel, env_id, limit, ids in study.panels():
@@ -157,6 +157,7 @@ def evaluate_model(study: Study, name: str, model_path: str) -> dict[str, Any]:
                            episode_ids=ids, out_dir=study.out / "evals" / name / panel,
                            decoding=Decoding(temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens),
                            env_kwargs={"max_turns": cfg.envs.max_turns})
+        check_errors(summary)
         out[panel] = {"success": summary["success"]["mean"], "score": summary["score"]["mean"],
                       "invalid_rate": sum(summary["invalid_rate"].values()), "turns_mean": summary["turns_mean"],
                       "episodes": summary["n_episodes"], "errors": summary["n_errors"]}

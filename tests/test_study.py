@@ -1,0 +1,106 @@
+"""The study's building blocks: labels, chat encoding for SFT, offline SFT, configs (fast, no env)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sage_evals.models import chat_text
+from sage_opd.config import ConfigError
+from sage_opd.judge import JudgeConfig, JudgeTurn, TurnJudge
+from sage_study import data as D
+from sage_study.config import load_study_config
+from sage_study.sft import ChatExample, SftConfig, encode, train_sft
+
+CONFIG = "configs/study/alfworld_cpu.yaml"
+
+
+def _record(actions: list[tuple[str, str, str]]) -> dict:
+    """An episode record as the runner writes it: (played action, expert's move, observation) per turn."""
+    messages = [{"role": "system", "content": "rules"}, {"role": "user", "content": "Your task is to: put a mug."}]
+    steps = []
+    for t, (action, expert, obs) in enumerate(actions):
+        response = f"Thought {t}.\n<action>{action}</action>"
+        messages += [{"role": "assistant", "content": response}, {"role": "user", "content": obs}]
+        steps.append({"turn": t + 1, "response": response, "action": action, "action_valid": True,
+                      "invalid_reason": None, "observation": obs, "expert": {"action": expert, "thought": "x"}})
+    return {"episode_id": "train/x/1", "seed": 0, "task": "put a mug.", "messages": messages, "steps": steps,
+            "error": None, "success": False}
+
+
+def test_labels_train_on_expert_moves_and_flag_the_others():
+    record = _record([("go to desk 1", "go to desk 1", "You arrive at desk 1."),
+                      ("go to bed 1", "take mug 1 from desk 1", "You arrive at bed 1."),
+                      ("take mug 1 from bed 1", "take mug 1 from bed 1", "Nothing happens.")])
+    (example,) = D.imitation_examples([record])
+    assert example.train_turns == [2, 6]  # the assistant messages that played the expert's move
+    labelled = D.judge_turns([record])
+    assert [y for _, y in labelled] == [False, True, True]  # a detour, and a move that did nothing
+    turn = labelled[1][0]
+    assert turn.response == record["steps"][1]["response"] and turn.history == record["messages"][:4]
+    assert turn.feedback == "You arrive at bed 1." and turn.task == "put a mug."
+
+
+def test_judge_examples_are_the_exact_chat_the_trainers_judge_reads(tiny_models):
+    tok = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    record = _record([("go to desk 1", "go to bed 1", "You arrive at desk 1."), ("look", "look", "ok")])
+    labelled = D.judge_turns([record])
+    examples = D.judge_examples(labelled, history_messages=4)
+    judge = TurnJudge(None, tok, JudgeConfig(history_messages=4))  # renders prompts; scoring needs no teacher here
+    for (turn, _), ex in zip(labelled, examples):
+        assert chat_text(tok, ex.messages[:-1]) == judge.render_text(turn)
+    assert [ex.messages[-1]["content"] for ex in examples] == ["Yes", "No"]
+
+
+def test_encode_labels_exactly_the_trained_assistant_turns(tiny_models):
+    tok = AutoTokenizer.from_pretrained(tiny_models["student"])
+    messages = _record([("go to desk 1", "go to desk 1", "ok"), ("look", "look", "ok")])["messages"]
+    ids, labels = encode(tok, ChatExample(messages, [4]))
+    trained = tok.decode([i for i, y in zip(ids, labels) if y != -100])
+    assert trained == messages[4]["content"] + "<|im_end|>\n"
+    assert ids == tok(chat_text(tok, messages, add_generation_prompt=False), add_special_tokens=False)["input_ids"]
+    # the trained tokens start right where generation starts after the chat's generation prompt
+    prompt = tok(chat_text(tok, messages[:4]), add_special_tokens=False)["input_ids"]
+    assert labels[:len(prompt)] == [-100] * len(prompt) and labels[len(prompt)] == ids[len(prompt)]
+    _, all_labels = encode(tok, ChatExample(messages))
+    assert sum(y != -100 for y in all_labels) > sum(y != -100 for y in labels)
+
+
+def test_offline_sft_learns_the_trained_turns(tiny_models):
+    tok = AutoTokenizer.from_pretrained(tiny_models["student"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    examples = [ChatExample(_record([("go to desk 1", "go to desk 1", "ok"), ("take mug 1 from desk 1",
+                                                                             "take mug 1 from desk 1", "ok")])["messages"])]
+
+    def nll() -> float:
+        ids, labels = encode(tok, examples[0])
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+        return float(torch.nn.functional.cross_entropy(logits, torch.tensor(labels[1:]), ignore_index=-100))
+
+    before = nll()
+    result = train_sft(model, tok, examples, SftConfig(epochs=40, lr=1e-2, warmup=0.1))
+    assert result.steps == 40 and len(result.losses) == 40
+    assert nll() < 0.6 * before and result.losses[-1] < 0.6 * result.losses[0]
+
+
+def test_study_config_profiles_overrides_and_errors(tmp_path):
+    full = load_study_config(CONFIG)
+    quick = load_study_config(CONFIG, "quick", ["eval.seeds=[0, 1]", "train.optim.steps=3"])
+    assert full.profile == "full" and quick.profile == "quick" and quick.out_dir != full.out_dir
+    assert quick.data.expert < full.data.expert and quick.eval.seeds == [0, 1]
+    assert quick.train["optim"]["steps"] == 3 and quick.train["optim"]["lr"] == 2e-3  # merged, not replaced
+    assert {m.name for m in full.methods} >= {"opd", "sage_opd", "guided_opd", "sft"}
+    with pytest.raises(ConfigError, match="Unknown profile 'nope'.*quick"):
+        load_study_config(CONFIG, "nope")
+    with pytest.raises(ConfigError, match="evall"):
+        load_study_config(CONFIG, "quick", ["evall.seeds=[0]"])
+    with pytest.raises(ConfigError, match="train.optim.stepz"):
+        load_study_config(CONFIG, "quick", ["train.optim.stepz=3"])
+    with pytest.raises(ConfigError, match="student.path"):
+        load_study_config(CONFIG, "quick", ["teacher.path=/models/teacher"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("out_dir: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_study_config(bad)
