@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
-import typer
-from rich.console import Console
-from rich.markup import escape
+# OpenMP threads that sleep while they wait instead of spinning: on a CPU shared with other jobs,
+# spinning threads made generation 5x slower (bench/bench_omp_wait.py). Set before torch loads;
+# an explicit OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from sage_gym.errors import SageError
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
+
+from sage_gym.errors import SageError  # noqa: E402
 
 app = typer.Typer(help="SAGE: multi-turn text-agent gym, evaluation service and SAGE-OPD trainer.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -20,8 +26,9 @@ def main() -> None:
     try:
         app()
     except SageError as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}")  # escape: messages name extras like [pyserini]
-        sys.exit(2)
+        # escape: messages name extras like [pyserini]; soft_wrap: a path or command in it stays one piece
+        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
+        sys.exit(getattr(err, "exit_code", 2))  # 2, or e.g. 130 for a run stopped by Ctrl-C
 
 
 
