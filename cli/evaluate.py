@@ -5,9 +5,10 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from sage_cli.console import make_console
@@ -52,17 +53,22 @@ def evaluate(
     env_server: Optional[str] = typer.Option(None, help="Use envs served at this URL (`sage serve`) instead of local ones."),
     retries: int = typer.Option(2, min=0, help="Retries of an episode whose env worker crashed."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
+    env_arg: List[str] = typer.Option(None, "--env-arg", help="Env option key=value (repeatable), e.g. topk=5, "
+                                                               "prompt_format=search-r1, simplifications=easy."),
+    max_error_share: float = typer.Option(0.1, min=0.0, max=1.0,
+                                          help="Exit with code 3 when more than this share of episodes errored."),
 ) -> None:
     """Evaluate a model on an env panel: writes episodes.jsonl as it goes and summary.json at the end."""
+    from sage_evals.models import SCRIPTED
     from sage_evals.policy import Decoding
-    from sage_evals.runner import RunInterrupted, default_out_dir, evaluate as run_evaluation
+    from sage_evals.runner import RunInterrupted, check_errors, default_out_dir, evaluate as run_evaluation
 
-    if max_context is not None and (model.startswith("openai:") or model in ("expert", "random")):
+    if max_context is not None and (model.startswith("openai:") or model in SCRIPTED):
         raise typer.BadParameter("--max-context applies to local models (hf, vllm, smollm2-135m); an openai "
                                  "endpoint holds generation to its own window, and scripted agents generate nothing")
     if model.startswith("openai:"):
         opts = {"base_url": base_url, "api_key": api_key}
-    elif model in ("expert", "random"):
+    elif model in SCRIPTED:
         opts = {}
     else:
         opts = {"device": device, "batch_size": batch_size, "max_context": max_context}
@@ -71,7 +77,8 @@ def evaluate(
         summary = run_evaluation(
             model, env, seeds=_seeds(seeds), workers=workers, limit=limit, out_dir=out,
             decoding=Decoding(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens),
-            env_kwargs={"data_dir": data_dir, "max_turns": max_turns, "history_window": history_window},
+            env_kwargs=_env_kwargs(env_arg or [], data_dir=data_dir, max_turns=max_turns,
+                                   history_window=history_window),
             env_server=env_server, model_opts=opts, max_retries=retries, progress=progress,
             system_prompt=system_prompt.read_text(encoding="utf-8") if system_prompt else None, fewshot=fewshot)
     except RunInterrupted as err:  # name the exact command that resumes the run
@@ -79,6 +86,26 @@ def evaluate(
         err.args = (f"{err}: {command}",)
         raise
     _print_summary(summary, out)
+    check_errors(summary, max_error_share)
+
+
+def _env_kwargs(env_args: list[str], **options) -> dict:
+    """--env-arg key=value pairs plus the dedicated options (--max-turns ...); a key given twice is refused."""
+    from sage_gym.envargs import parse_env_arg
+
+    kwargs: dict = {}
+    for text in env_args:
+        key, value = parse_env_arg(text)
+        if key in kwargs:
+            raise typer.BadParameter(f"--env-arg {key} is given twice")
+        kwargs[key] = value
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key in kwargs and kwargs[key] != value:
+            raise typer.BadParameter(f"--env-arg {key}={kwargs[key]!r} contradicts --{key.replace('_', '-')} {value}")
+        kwargs[key] = value
+    return kwargs
 
 
 def _print_summary(s: dict, out: Path) -> None:
@@ -107,6 +134,10 @@ def _print_summary(s: dict, out: Path) -> None:
     table.add_row("turns (mean)", f"{s['turns_mean']:.1f}")
     table.add_row("episodes / minute", f"{s['timing'].get('episodes_per_minute', 0):.2f}")
     console.print(table)
+    if s["n_errors"]:
+        console.print(f"[bold red]{s['n_errors']} of {s['n_episodes']} episodes errored[/] (counted as failures):")
+        for cause, n in s.get("errors_by_cause", {}).items():
+            console.print(f"  [red]{n} x[/] {escape(cause)}")
 
 
 def serve_model(

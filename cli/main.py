@@ -22,19 +22,29 @@ console = Console(stderr=True)
 
 
 def main() -> None:
-    """Entry point of the console script: user errors print one clear line, not a traceback."""
+    """Entry point of the console script: user errors print one clear line, not a traceback, and exit
+    non-zero (2, or the error's own ``exit_code``: 3 for a run whose episodes errored, 130 after Ctrl-C)."""
     try:
         app()
     except SageError as err:
-        # escape: messages name extras like [pyserini]; soft_wrap: a path or command in it stays one piece
-        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
-        sys.exit(getattr(err, "exit_code", 2))  # 2, or e.g. 130 for a run stopped by Ctrl-C
+        fail(str(err), getattr(err, "exit_code", 2))
+    except OSError as err:
+        if err.filename is None:  # not about a file the user named: a bug, keep its traceback
+            raise
+        fail(f"{err.strerror or err}: {err.filename}", 2)
+
+
+def fail(message: str, code: int) -> None:
+    # escape: messages name extras like [pyserini]; soft_wrap: one line, whatever the terminal width
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    sys.exit(code)
 
 
 
 # Command modules import their heavy dependencies (torch, textworld, ...) inside the commands,
 # so `sage --help` stays fast.
-from sage_cli import evaluate as _evaluate, gym as _gym, report as _report, serve as _serve, train as _train  # noqa: E402
+from sage_cli import evaluate as _evaluate, gym as _gym, report as _report, serve as _serve, study as _study  # noqa: E402
+from sage_cli import train as _train  # noqa: E402
 from sage_cli.retriever import retriever_app as _retriever_app  # noqa: E402
 
 app.command("envs")(_gym.envs)
@@ -48,3 +58,4 @@ app.command("report")(_report.report)
 app.command("serve")(_serve.serve)
 app.add_typer(_retriever_app, name="retriever")
 app.command("train")(_train.train)
+app.command("study")(_study.study)

@@ -44,10 +44,12 @@ def serve(
     index: str = typer.Option(..., help="A bm25s index folder, pyserini:LUCENE_DIR, or an http:// URL to proxy."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
-    topk: int = typer.Option(3, help="Passages per query when a request gives no topk."),
-    max_queries: int = typer.Option(512, help="Most queries in one request."),
-    max_query_chars: int = typer.Option(4096, help="Longest query, in characters."),
-    max_topk: int = typer.Option(100, help="Largest topk a request may ask for."),
+    topk: int = typer.Option(3, min=1, help="Passages per query when a request gives no topk."),
+    max_queries: int = typer.Option(512, min=1, help="Most queries in one request."),
+    max_query_chars: int = typer.Option(4096, min=1, help="Longest query, in characters."),
+    max_topk: int = typer.Option(100, min=1, help="Largest topk a request may ask for."),
+    max_body_bytes: Optional[int] = typer.Option(None, min=1, help="Largest request body, refused with 413 before it "
+                                                 "is read (default: 12 bytes per query character allowed + 64 KiB)."),
 ) -> None:
     """Serve an index over HTTP: POST /retrieve {"queries", "topk", "return_scores"} (Search-R1 protocol)."""
     from sage_gym.retrieval import load_retriever
@@ -56,14 +58,14 @@ def serve(
     with console.status(f"Loading {index} ..."):
         retriever = load_retriever(index)
     console.print(f"Serving {retriever.name} index {index} on http://{host}:{port}/retrieve")
-    run_server(retriever, host, port, ServerLimits(max_queries, max_query_chars, max_topk, topk))
+    run_server(retriever, host, port, ServerLimits(max_queries, max_query_chars, max_topk, topk, max_body_bytes))
 
 
 @retriever_app.command("search")
 def search(
     query: str = typer.Argument(..., help="The query."),
     index: str = typer.Option(..., help="A bm25s index folder, pyserini:LUCENE_DIR, or an http:// URL."),
-    topk: int = typer.Option(3, help="Passages to show."),
+    topk: int = typer.Option(3, min=1, help="Passages to show."),
 ) -> None:
     """Run one query and print the passages (Search-R1 rendering)."""
     from sage_gym.retrieval import format_passages, load_retriever

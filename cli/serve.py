@@ -21,6 +21,8 @@ def serve(
     idle_timeout: float = typer.Option(900.0, min=0.1, help="Seconds without a request before a session is closed."),
     max_response_chars: int = typer.Option(65_536, min=1, help="Longest accepted agent response."),
     threads: int = typer.Option(32, min=1, help="Worker threads stepping envs."),
+    max_body_bytes: Optional[int] = typer.Option(None, min=1, help="Largest request body, refused with 413 before "
+                                                 "it is read (default: 12 bytes per --max-response-chars + 64 KiB)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Serve the gym's envs over HTTP for agents in other processes or languages (client: sage_gym.remote.RemoteEnv)."""
@@ -29,7 +31,7 @@ def serve(
     if token is None and not _is_loopback(host):
         console.print(f"[yellow]warning:[/] serving on {host} without --token: anyone who can reach it can run envs")
     config = ServerConfig(token=token, max_sessions=max_sessions, idle_timeout=idle_timeout,
-                          max_response_chars=max_response_chars, threads=threads)
+                          max_response_chars=max_response_chars, threads=threads, max_body_bytes=max_body_bytes)
     console.print(f"SAGE env server on http://{host}:{port} (token {'required' if token else 'off'}, "
                   f"pid {os.getpid()})")
     run_server(host=host, port=port, config=config, log_level=log_level)

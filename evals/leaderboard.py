@@ -18,6 +18,7 @@ from typing import Any
 from sage_evals.models import SCRIPTED
 from sage_evals.stats import McNemar, PairedGames, mcnemar, paired_games, per_game
 from sage_evals.summary import metric_summary, task_type_summary, turn_counts
+from sage_gym.durable import RunFileError, read_jsonl
 from sage_gym.errors import SageError
 
 
@@ -61,23 +62,17 @@ class Run:
 
 
 def _read_episodes(path: Path) -> list[dict[str, Any]]:
-    """Episode lines; a torn last line (a run killed mid-write) is skipped, a broken middle line is an error."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    """Episode lines; a torn last line (a run killed mid-write) is skipped, a broken middle line or a line that
+    is not a JSON object is an error."""
+    try:
+        rows = read_jsonl(path, repair=False)  # read only: a run may still be writing the file
+    except RunFileError as err:
+        raise RunFormatError(f"{err}; every line must be one episode record") from None
     records: dict[tuple[str, int], dict[str, Any]] = {}
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if i == len(lines) - 1:
-                continue
-            raise RunFormatError(f"{path}:{i + 1} is not valid JSON ({err.msg}); every line must be one episode record")
+    for n, record in enumerate(rows, 1):
         missing = [k for k in ("episode_id", "seed", "success", "score") if k not in record]
         if missing:
-            raise RunFormatError(f"{path}:{i + 1} lacks {', '.join(missing)}; see docs/run-format.md")
+            raise RunFormatError(f"{path}: record {n} lacks {', '.join(missing)}; see docs/run-format.md")
         records[(record["episode_id"], int(record["seed"]))] = record  # a repeated key keeps the last
     return list(records.values())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ from sage_evals.policy import (CONTEXT, EOS, LENGTH, PROMPT_TOO_LONG, STOP, Deco
 from sage_gym.errors import SageError, install_hint
 
 SMOLLM2 = "smollm2-135m"
-SCRIPTED = ("expert", "random")
+SCRIPTED = ("expert", "handcoded", "random")
 BUILTINS = (SMOLLM2, *SCRIPTED)
 SPEC_FORMS = (f"a built-in name ({', '.join(BUILTINS)}), a local transformers model folder (or hf:PATH), "
               "openai:NAME (with --base-url), or vllm:PATH")
@@ -56,6 +57,13 @@ class ScriptedAgent:
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def chat_text(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """A chat rendered with the tokenizer's chat template, thinking disabled (SPEC section 2): the one
+    rendering of prompts for generation, scoring and training."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         enable_thinking=False)
 
 
 def turn_seed(seed: int, episode_id: str, turn: int) -> int:
@@ -146,8 +154,13 @@ class HFPolicy:
 
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            except (OSError, ValueError, KeyError, TypeError) as err:  # missing weights, unknown architecture, ...
+                why = " ".join((str(err).strip() or type(err).__name__).split())[:300]
+                raise ModelNotFoundError(f"cannot load a transformers model from {str(path)!r}: {why}") from err
+            model = model.to(device).eval()
         if tokenizer is None:
             raise ValueError("HFPolicy(model=...) also needs the model's tokenizer=")
         if not getattr(tokenizer, "chat_template", None):
@@ -169,9 +182,9 @@ class HFPolicy:
 
     def prompt_ids(self, conversation: list[dict[str, str]]) -> list[int]:
         """The chat template applied with a generation prompt and thinking disabled."""
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True,
-                                                  enable_thinking=False)
-        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # too long: handled here
+        # verbose=False: a prompt longer than the window is handled by generate, not warned about
+        return self.tokenizer(chat_text(self.tokenizer, conversation), add_special_tokens=False,
+                              verbose=False)["input_ids"]
 
     def generate(self, conversations, decoding: Decoding, stop: list[str],
                  seeds: list[int] | None = None, on_tokens=None) -> list[Generation]:
@@ -251,6 +264,14 @@ def check_model_folder(path: Path) -> None:
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{str(path)!r} is not a transformers model folder (no config.json in it). "
                                  "Pass a folder written by save_pretrained, or one of: " + SPEC_FORMS + ".")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelNotFoundError(f"{str(path / 'config.json')!r} is not valid JSON ({err}); a transformers model "
+                                 "folder holds the config.json written by save_pretrained") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelNotFoundError(f"{str(path / 'config.json')!r} has no \"model_type\"; a transformers model folder "
+                                 "holds the config.json written by save_pretrained")
 
 
 # ---- openai ------------------------------------------------------------------------------------

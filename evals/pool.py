@@ -19,6 +19,7 @@ from typing import Any
 
 from sage_evals.policy import CUT
 from sage_gym.formatting import INVALID_REASONS
+from sage_gym.procs import fixed_hash_seed
 from sage_gym.registry import EnvSpec
 
 # why an episode ended: the game ended it, the turn cap, the model's context window was full
@@ -45,7 +46,7 @@ class Episode:
         self.info, self.done = info, False
         self.record: dict[str, Any] = {
             "episode_id": episode_id, "seed": seed, "env_id": env.unwrapped.env_id,
-            "task_type": info.get("task_type", ""), "success": False, "score": 0.0, "metrics": {},
+            "task": info.get("task", ""), "task_type": info.get("task_type", ""), "success": False, "score": 0.0, "metrics": {},
             "turns": 0, "terminated": False, "truncated": False, "end_reason": None,
             "invalid_turns": dict.fromkeys(INVALID_REASONS, 0), "finish_reasons": {},
             "cut_invalid_turns": dict.fromkeys(INVALID_REASONS, 0),
@@ -68,10 +69,12 @@ class Episode:
             r["finish_reasons"][finish_reason] = r["finish_reasons"].get(finish_reason, 0) + 1
             if info["invalid_reason"] and finish_reason in CUT:  # cut by a token limit, not a model's choice
                 r["cut_invalid_turns"][info["invalid_reason"]] += 1
-        r["steps"].append({"turn": info["turn"], "response": info["messages"][-2]["content"], "action": info["action"],
-                           "action_valid": info["action_valid"], "invalid_reason": info["invalid_reason"],
-                           "finish_reason": finish_reason, "observation": obs, "reward": reward,
-                           "score": info["score"]})
+        step = {"turn": info["turn"], "response": info["messages"][-2]["content"], "action": info["action"],
+                "action_valid": info["action_valid"], "invalid_reason": info["invalid_reason"],
+                "finish_reason": finish_reason, "observation": obs, "reward": reward, "score": info["score"]}
+        if "expert" in self.info:  # envs made with expert_labels=True: what the expert would have done here
+            step["expert"] = self.info["expert"]
+        r["steps"].append(step)
         self.info, self.done = info, terminated or truncated
         if self.done:
             self.end(TERMINATED if terminated else TURN_CAP)
@@ -88,11 +91,12 @@ class Episode:
 
 def _play(env, episode_id: str, seed: int, agent_name: str, agent_kwargs: dict) -> dict:
     """A whole episode of a scripted agent (it needs the env, so it runs here)."""
-    from sage_gym.agents import make_agent
+    from sage_gym.agents import AGENTS, make_agent
 
     from sage_evals.models import turn_seed
 
-    kwargs = {"seed": turn_seed(seed, episode_id, 0), **agent_kwargs} if agent_name == "random" else agent_kwargs
+    seeded = getattr(AGENTS.get(agent_name), "seeded", False)
+    kwargs = {"seed": turn_seed(seed, episode_id, 0), **agent_kwargs} if seeded else agent_kwargs
     agent = make_agent(agent_name, **kwargs)
     episode = Episode(env, episode_id, seed)
     agent.reset(env, episode.info)
@@ -140,6 +144,8 @@ def worker_main(conn: Connection, spec: EnvSpec, env_kwargs: dict, env_server: s
                     conn.send(("done", _play(env, *msg[1:])))
                 elif msg[0] == "close":
                     return
+            except (BrokenPipeError, EOFError, ConnectionError):
+                return  # the owner is gone (killed): nobody to answer
             except Exception:  # noqa: BLE001 - the owner restarts this worker and retries the episode
                 conn.send(("error", traceback.format_exc(limit=8)))
     finally:
@@ -182,7 +188,8 @@ class EnvPool:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=worker_main, args=(child, self.spec, self.env_kwargs, self.env_server),
                                  daemon=True, name="sage-env-worker")
-        proc.start()
+        with fixed_hash_seed():
+            proc.start()
         child.close()  # so that the worker's death reads as EOF here
         return _Worker(proc, parent)
 

@@ -9,8 +9,6 @@ its worker and collects the observations. Finished episodes are appended to
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
 import subprocess
 import sys
@@ -26,16 +24,30 @@ from sage_evals.policy import PROMPT_TOO_LONG, Decoding, Policy
 from sage_evals.prompting import PromptOptions
 from sage_evals.pool import CONTEXT_LIMIT, ERROR, EnvPool, WorkerFailed
 from sage_evals.summary import summarize
+from sage_gym.durable import (FolderLock, RunFileError, append_jsonl, atomic_write_json, read_json_object,
+                              read_jsonl)
 from sage_gym.errors import SageError
 from sage_gym.formatting import INVALID_REASONS
 
-# settings that must match for a run folder to be resumed
+# settings that must match for a run folder to be resumed (env_kwargs compared as effective options;
+# panel_sha256 covers --limit)
 RESUME_KEYS = ("model", "model_kind", "env_id", "env_kwargs", "panel_sha256", "seeds", "decoding",
-               "max_turns", "history_window", "limit", "max_context", "prompt")
+               "max_turns", "history_window", "max_context", "prompt")
+MAX_ERROR_SHARE = 0.1  # `sage evaluate` exits non-zero when more than this share of episodes errored
 
 
 class RunSettingsMismatch(SageError):
     """Resuming a run folder with settings other than the ones it was started with."""
+
+
+class RunSettingsError(SageError, ValueError):
+    """Settings that cannot make a run (seeds, limit, output folder)."""
+
+
+class RunErrorsError(SageError):
+    """A run that finished but whose episodes errored past the allowed share: its numbers measure nothing."""
+
+    exit_code = 3
 
 
 class RunInterrupted(SageError):
@@ -75,20 +87,28 @@ def default_out_dir(model: str, env_id: str) -> Path:
 
 
 class RunFolder:
-    """``run.json`` + ``episodes.jsonl`` + ``summary.json`` of one run (docs/run-format.md)."""
+    """``run.json`` + ``episodes.jsonl`` + ``summary.json`` of one run (docs/run-format.md), written
+    atomically and durably; ``lock()`` keeps a second writer out."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.episodes_file = self.path / "episodes.jsonl"
+        if self.path.exists() and not self.path.is_dir():
+            raise RunSettingsError(f"the run folder {self.path} is a file; pass a folder (it is created if missing)")
 
-    def start(self, settings: dict[str, Any]) -> dict[str, Any]:
-        """Write ``run.json``, or check that an existing one has the same settings (then resume)."""
+    def lock(self) -> FolderLock:
+        return FolderLock(self.path, "sage evaluate")
+
+    def start(self, settings: dict[str, Any], effective=lambda env_kwargs: env_kwargs) -> dict[str, Any]:
+        """Write ``run.json``, or check that an existing one has the same settings (then resume).
+        ``effective`` maps recorded env options to those in effect (defaults filled in) for the comparison."""
         run_file = self.path / "run.json"
         if run_file.exists():
-            old = json.loads(run_file.read_text())
-            diff = [k for k in RESUME_KEYS if old.get(k) != settings.get(k)]
+            old = read_json_object(run_file, "delete that file (or the folder) to start over, or pass another --out")
+            mine = {**old, "env_kwargs": effective(old.get("env_kwargs") or {})}
+            diff = [k for k in RESUME_KEYS if mine.get(k) != settings.get(k)]
             if diff:
-                details = "; ".join(f"{k}: run has {old.get(k)!r}, now {settings.get(k)!r}"
+                details = "; ".join(f"{k}: run has {mine.get(k)!r}, now {settings.get(k)!r}"
                                     for k in diff if k != "panel_sha256")
                 if "panel_sha256" in diff:
                     details += "; panel: the episode list differs"
@@ -97,58 +117,55 @@ class RunFolder:
                     "Rerun with the same settings to resume it, or pass another --out folder.")
             return old
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(run_file, settings)
+        atomic_write_json(run_file, settings)
         return settings
 
     def records(self) -> list[dict]:
         """Finished episode records; a torn last line (killed mid-write) is cut off the file."""
-        if not self.episodes_file.exists():
-            return []
-        data = self.episodes_file.read_bytes()
-        records, good = [], 0
-        for line in data.splitlines(keepends=True):
-            try:
-                if not line.endswith(b"\n"):
-                    raise ValueError("no newline")
-                records.append(json.loads(line))
-            except ValueError:
-                if good + len(line) < len(data):
-                    raise SageError(f"{self.episodes_file} has a malformed line at byte {good}: fix or remove it")
-                break
-            good += len(line)
-        if good < len(data):
-            with open(self.episodes_file, "r+b") as f:
-                f.truncate(good)
+        records = read_jsonl(self.episodes_file)
+        for n, r in enumerate(records, 1):
+            if "episode_id" not in r or "seed" not in r:
+                raise RunFileError(f"{self.episodes_file}: record {n} has no episode_id or seed; "
+                                   "see docs/run-format.md, fix or remove it")
         return records
 
     def append(self, record: dict) -> None:
-        with open(self.episodes_file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False, default=_plain) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.episodes_file, record)
 
     def write_summary(self, summary: dict) -> None:
-        _atomic_write(self.path / "summary.json", summary)
+        atomic_write_json(self.path / "summary.json", summary)
 
 
-def _plain(obj: Any) -> Any:
-    """JSON fallback for values envs may put in info (numpy scalars and arrays)."""
-    return obj.tolist() if hasattr(obj, "tolist") else str(obj)
+def error_cause(reason: str) -> str:
+    """A short label of why an episode failed, for counting errors by cause: the exception line of an env's
+    traceback (module path dropped), else the worker failure (``worker died (exit code 3)``)."""
+    lines = [ln.strip() for ln in reason.strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else "unknown error"
+    if lines and lines[0].startswith("Traceback"):
+        name, sep, message = last.partition(":")
+        last = name.rsplit(".", 1)[-1] + sep + message
+    return re.sub(r"^(no )?worker \d+ ", r"\1worker ", last)[:200]
 
 
-def _atomic_write(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=_plain) + "\n")
-    os.replace(tmp, path)
-
-
-def error_record(job: _Job, env_id: str, error: str) -> dict:
+def error_record(job: _Job, env_id: str, reason: str) -> dict:
     """The line of an episode that kept failing: recorded as a failure, never dropped."""
     return {"episode_id": job.episode_id, "seed": job.seed, "env_id": env_id, "task_type": "",
             "success": False, "score": 0.0, "metrics": {}, "turns": 0, "terminated": False, "truncated": False,
             "end_reason": ERROR, "invalid_turns": dict.fromkeys(INVALID_REASONS, 0), "finish_reasons": {},
             "cut_invalid_turns": dict.fromkeys(INVALID_REASONS, 0), "prompt_tokens": 0, "completion_tokens": 0,
-            "seconds": 0.0, "gen_seconds": 0.0, "env_seconds": 0.0, "error": error, "messages": [], "steps": []}
+            "seconds": 0.0, "gen_seconds": 0.0, "env_seconds": 0.0,
+            "error": f"failed {job.attempt} times; last: {reason.strip()}", "error_cause": error_cause(reason),
+            "messages": [], "steps": []}
+
+
+def check_errors(summary: dict, max_share: float = MAX_ERROR_SHARE) -> None:
+    """Raise ``RunErrorsError`` when more than ``max_share`` of the run's episodes errored."""
+    n, errors = summary["n_episodes"], summary["n_errors"]
+    if n and errors / n > max_share:
+        causes = "; ".join(f"{k} ({v})" for k, v in summary.get("errors_by_cause", {}).items())
+        raise RunErrorsError(f"{errors} of {n} episodes failed with errors, more than the allowed share "
+                             f"{max_share:g} (--max-error-share): {causes}. The success rate above does not "
+                             "measure the model.")
 
 
 class _Loop:
@@ -230,7 +247,7 @@ class _Loop:
         self.pool.restart(i)
         job.attempt += 1
         if job.attempt > self.max_retries:
-            self._record(error_record(job, self.env_id, f"failed {job.attempt} times; last: {reason.strip()}"), job)
+            self._record(error_record(job, self.env_id, reason), job)
         else:
             if self.progress:
                 self.progress.forget(job.turn)
@@ -278,11 +295,13 @@ def _params(fn) -> set[str]:
 def evaluate(policy: str | Policy, env_id: str, seeds: Sequence[int] = (0,), workers: int = 4,
              limit: int | None = None, out_dir: str | Path | None = None, decoding: Decoding | None = None,
              env_kwargs: dict[str, Any] | None = None, env_server: str | None = None, model_opts: dict | None = None,
-             max_retries: int = 2, timeout: float = 600.0, progress: bool = True, system_prompt: str | None = None,
+             max_retries: int = 2, timeout: float = 600.0, progress: bool = True,
+             episode_ids: Sequence[str] | None = None, system_prompt: str | None = None,
              fewshot: int = 0) -> dict[str, Any]:
     """Evaluate ``policy`` (a model spec string or a live Policy) on the panel of ``env_id`` for each seed.
 
-    The panel is the env's ``episode_ids[:limit]``. Writes the run folder ``out_dir``
+    The panel is the env's ``episode_ids[:limit]``, or the given ``episode_ids`` (ids of that env, in
+    that order, e.g. a seeded sample of a train split). Writes the run folder ``out_dir``
     (docs/run-format.md), resuming it when it already holds part of this run, and returns the summary.
     ``env_kwargs`` go to the env (e.g. ``max_turns``, ``history_window``, ``data_dir``); ``timeout``
     bounds one env reply before its worker counts as hung. A worker that dies or raises is
@@ -291,31 +310,40 @@ def evaluate(policy: str | Policy, env_id: str, seeds: Sequence[int] = (0,), wor
     example turns from the env's train split (``sage_evals.prompting``). Ctrl-C raises ``RunInterrupted``.
     """
     import sage_gym
+    from sage_gym.envargs import check_env_kwargs, check_seed, effective_env_kwargs
 
     decoding = decoding or Decoding()
-    seeds = [int(s) for s in seeds]
+    seeds = [check_seed(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct integers, got {seeds}")
+        raise RunSettingsError(f"seeds must be distinct integers >= 0, e.g. 0,1,2; got {seeds or 'none'}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of episodes, got {limit}")
-    spec = sage_gym.spec(env_id)
+        raise RunSettingsError(f"limit must be a positive number of episodes, got {limit}")
     env_kwargs = {k: v for k, v in (env_kwargs or {}).items() if v is not None}
+    if env_kwargs.get("data_dir") is not None:
+        sage_gym.registry.discover(env_kwargs["data_dir"])  # e.g. searchqa-<name> folders under --data-dir
+    spec = sage_gym.spec(env_id)
+    env_kwargs = check_env_kwargs(spec, env_kwargs)
     model_name = policy if isinstance(policy, str) else getattr(policy, "name", type(policy).__name__)
     folder = RunFolder(out_dir or default_out_dir(model_name, env_id))
     owned = isinstance(policy, str)
     if owned and policy in SCRIPTED and (system_prompt or fewshot):
-        raise SageError(f"--system-prompt and --fewshot shape a model's prompt; the scripted agent {policy!r} "
-                        "reads no prompt. Drop them, or evaluate a model.")
+        raise RunSettingsError(f"--system-prompt and --fewshot shape a model's prompt; the scripted agent "
+                               f"{policy!r} reads no prompt. Drop them, or evaluate a model.")
     prompt = PromptOptions.build(env_id, system_prompt, fewshot, env_kwargs)
-    loaded = load_policy(policy, **(model_opts or {})) if owned else policy
-    pool = None
+    lock = folder.lock().acquire()  # a second writer of this folder is refused here
+    pool = loaded = None
     try:
+        loaded = load_policy(policy, **(model_opts or {})) if owned else policy
         most = limit * len(seeds) if limit else None  # no more workers than episodes
         pool = EnvPool(spec, max(1, min(workers, most or workers)), env_kwargs, env_server, timeout)
-        panel = pool.info["episode_ids"][:limit]
+        panel = pool.info["episode_ids"][:limit] if episode_ids is None else list(episode_ids)[:limit]
+        unknown = sorted(set(panel) - set(pool.info["episode_ids"]))
+        if unknown or not panel:
+            raise SageError(f"episode_ids must be a non-empty list of {env_id} episode ids; not in its panel: "
+                            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
         settings = {
             "model": model_name, "model_kind": policy_kind(loaded), "env_id": env_id,
-            "env_kwargs": {k: str(v) if isinstance(v, Path) else v for k, v in env_kwargs.items() if k != "data_dir"},
+            "env_kwargs": effective_env_kwargs(spec, env_kwargs),
             "panel": panel, "panel_sha256": hashlib.sha256("\n".join(panel).encode()).hexdigest(),
             "seeds": seeds, "decoding": {f.name: getattr(decoding, f.name) for f in fields(decoding) if f.name != "seed"},
             "max_turns": pool.info["max_turns"], "history_window": pool.info["history_window"], "limit": limit,
@@ -323,7 +351,7 @@ def evaluate(policy: str | Policy, env_id: str, seeds: Sequence[int] = (0,), wor
             "sage_version": sage_gym.__version__, "git_commit": git_commit(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        settings = folder.start(settings)
+        settings = folder.start(settings, lambda recorded: effective_env_kwargs(spec, recorded))
         records = folder.records()
         done = {(r["episode_id"], r["seed"]) for r in records}
         jobs = [_Job(ep, s) for s in seeds for ep in panel if (ep, s) not in done]
@@ -352,8 +380,9 @@ def evaluate(policy: str | Policy, env_id: str, seeds: Sequence[int] = (0,), wor
     finally:
         if pool is not None:
             pool.close()
-        if owned and not isinstance(loaded, ScriptedAgent):
+        if owned and loaded is not None and not isinstance(loaded, ScriptedAgent):
             loaded.close()
+        lock.release()
 
 
 class _Progress:
@@ -462,4 +491,5 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
 
 
-__all__ = ["RunFolder", "RunInterrupted", "RunSettingsMismatch", "evaluate", "summarize"]
+__all__ = ["RunErrorsError", "RunFolder", "RunInterrupted", "RunSettingsError", "RunSettingsMismatch", "check_errors",
+           "evaluate", "summarize"]

@@ -217,3 +217,16 @@ def paired_games(table_a: dict[str, dict[int, float]], table_b: dict[str, dict[i
     b = np.array([np.mean(y) for _, y in pairs])
     p, exact = sign_flip_test(b - a, seed=seed)
     return PairedGames(float(a.mean()), float(b.mean()), paired_bootstrap(a, b, n_resamples, seed), p, exact, len(pairs))
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties counting half
+    (the Mann-Whitney U statistic over n_pos * n_neg); None without both classes."""
+    from scipy.stats import rankdata
+
+    s, y = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -8,8 +8,7 @@ Episodes recorded as errors count as failures with score 0 (they are also counte
 
 from __future__ import annotations
 
-from collections import defaultdict
-from statistics import mean
+from collections import Counter, defaultdict
 from typing import Any, Iterable
 
 from sage_evals.policy import CUT, FINISH_REASONS
@@ -69,6 +68,7 @@ def summarize(records: Iterable[dict], settings: dict, timing: dict | None = Non
         "settings": settings,
         "n_episodes": len(records),
         "n_errors": sum(1 for r in records if r.get("error")),
+        "errors_by_cause": dict(Counter(r.get("error_cause") or "unknown" for r in records if r.get("error"))),
         "success": metric_summary(records, "success"),
         "score": metric_summary(records, "score"),
         "per_task_type": {t: task_type_summary(rs) for t, rs in sorted(by_type.items())},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable
 from pathlib import Path
 
 CHATML = (
@@ -42,8 +43,9 @@ def _corpus(n_lines: int = 3000, seed: int = 0) -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer with ChatML special tokens, as a transformers fast tokenizer."""
+def build_tokenizer(vocab_size: int = 512, corpus: Iterable[str] | None = None):
+    """A byte-level BPE tokenizer with ChatML special tokens, as a transformers fast tokenizer, trained on
+    ``corpus`` (texts; default: a small synthetic corpus of agent-like text)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -52,20 +54,21 @@ def build_tokenizer(vocab_size: int = 512):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(_corpus() if corpus is None else corpus, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    bos_token=None, unk_token=None, chat_template=CHATML)
 
 
 def build_model(tokenizer, size: str = "student", seed: int = 0, **overrides):
-    """A randomly initialised Llama causal LM sized ``student`` (~40k params) or ``teacher``."""
+    """A randomly initialised Llama causal LM sized ``student`` (~40k params) or ``teacher``; ``overrides``
+    set any ``LlamaConfig`` field (e.g. ``hidden_size``, ``num_hidden_layers``)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=8192, tie_word_embeddings=True,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=None, **{**SIZES[size], **overrides})
+    config = LlamaConfig(**{"vocab_size": len(tokenizer), "max_position_embeddings": 8192, "tie_word_embeddings": True,
+                            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                            "bos_token_id": None, **SIZES[size], **overrides})
     return LlamaForCausalLM(config).eval()
 
 

@@ -189,3 +189,12 @@ class TextEnv(gym.Env):
     def expert_actions(self) -> list[str]:
         """The gold action sequence of the current episode, for the ``expert`` agent."""
         raise NotImplementedError
+
+    def expert_action(self) -> tuple[str, str] | None:
+        """A state-based expert's next ``(action, thought)`` from the current state, whatever played the
+        turns so far (DAgger labels, the ``handcoded`` agent); None when the env has no such expert."""
+        return None
+
+    def explain_action(self, action: str) -> str | None:
+        """That expert's one-sentence reason for ``action`` in the current state (None without one)."""
+        return None

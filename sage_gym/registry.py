@@ -47,6 +47,7 @@ def _resolve(entry: str) -> Callable[..., Any]:
 
 
 _REGISTRY: dict[str, EnvSpec] = {}
+_DISCOVERERS: list[Callable[[Any], None]] = []
 
 
 def register(spec: EnvSpec) -> None:
@@ -72,6 +73,18 @@ def make(env_id: str, **kwargs: Any):
     """Build the env registered as ``env_id``; ``kwargs`` override the registered ones."""
     s = spec(env_id)
     return s.load()(**{**s.kwargs, **kwargs})
+
+
+def add_discoverer(fn: Callable[[Any], None]) -> None:
+    """Register ``fn(data_dir)``, which registers the env ids that a data folder provides."""
+    _DISCOVERERS.append(fn)
+
+
+def discover(data_dir) -> None:
+    """Register the env ids that the data under ``data_dir`` provides (e.g. custom search QA datasets),
+    as the default data folder's are at import."""
+    for fn in _DISCOVERERS:
+        fn(data_dir)
 
 
 def list_envs() -> list[EnvSpec]:

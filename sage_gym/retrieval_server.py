@@ -3,7 +3,9 @@
 Request ``{"queries": [str], "topk": int, "return_scores": bool}``; answer
 ``{"result": [[{"document": {"id", "contents"}, "score": float}, ...] per query]}``, or, when
 ``return_scores`` is false, plain document dicts per query (as Search-R1's server does).
-Malformed requests and requests over the limits get a 422 JSON error that says why.
+Malformed requests and requests over the limits get a 4xx JSON error ``{"detail": message}`` that
+says why (422; 413 for a body over ``max_body_bytes``, refused before it is read); replies and
+errors are encoded by ``sage_gym.webapi``, so no request can make the server answer 5xx.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict
 
 from sage_gym.retrieval import Retriever
+from sage_gym.webapi import body_limit_for, json_app
 
 
 @dataclass
@@ -24,6 +27,7 @@ class ServerLimits:
     max_query_chars: int = 4096
     max_topk: int = 100
     default_topk: int = 3
+    max_body_bytes: int | None = None  # None: room for max_queries * max_query_chars in any JSON escaping
 
 
 class RetrieveRequest(BaseModel):
@@ -37,26 +41,28 @@ class RetrieveRequest(BaseModel):
 
 def create_app(retriever: Retriever, limits: ServerLimits | None = None):
     """Build the FastAPI app serving ``retriever`` (``GET /health``, ``POST /retrieve``)."""
-    from fastapi import FastAPI, HTTPException
+    from fastapi import HTTPException
 
     limits = limits or ServerLimits()
     lock = threading.Lock()  # one search at a time: backends are not promised to be thread-safe
 
-    app = FastAPI(title="SAGE retrieval server", description="Search-R1 /retrieve protocol")
+    app = json_app("SAGE retrieval server", "detail",
+                   limits.max_body_bytes or body_limit_for(limits.max_queries * limits.max_query_chars),
+                   description="Search-R1 /retrieve protocol")
 
     @app.get("/health")
-    def health() -> dict:
+    def health():
         return {"status": "ok", "backend": retriever.name, "limits": vars(limits)}
 
     @app.post("/retrieve")
-    def retrieve(request: RetrieveRequest) -> dict:
+    def retrieve(request: RetrieveRequest):
         if len(request.queries) > limits.max_queries:
             raise HTTPException(422, f"too many queries: {len(request.queries)} > max_queries={limits.max_queries}")
         for i, q in enumerate(request.queries):
             if len(q) > limits.max_query_chars:
                 raise HTTPException(422, f"query {i} is {len(q)} characters long; "
                                          f"max_query_chars={limits.max_query_chars}")
-        topk = request.topk or limits.default_topk
+        topk = limits.default_topk if request.topk is None else request.topk
         if not 1 <= topk <= limits.max_topk:
             raise HTTPException(422, f"topk must be between 1 and {limits.max_topk}, got {request.topk}")
         with lock:

@@ -5,7 +5,8 @@ Endpoints (JSON): ``GET /health``, ``GET /envs``, ``POST /sessions {env_id, kwar
 ``GET /sessions/{id}``, ``POST /sessions/{id}/reset {seed, options}``,
 ``POST /sessions/{id}/step {response}``, ``GET /sessions/{id}/expert_actions``,
 ``GET /sessions/{id}/admissible_actions``, ``DELETE /sessions/{id}``. Errors are
-``{"error": message}`` with a 4xx/5xx status. Endpoints are sync, so FastAPI runs them in a
+``{"error": message}`` with a 4xx status for every client mistake (5xx only for a failing env);
+replies, the body size limit and error handling come from ``sage_gym.webapi``. Endpoints are sync, so FastAPI runs them in a
 thread pool and one slow env does not block the others; each session is stepped by one
 request at a time. Env classes are not assumed thread-safe (textworld, under ALFWorld, shares
 one parser per process): calls into envs of one entry point are serialised unless its class
@@ -15,7 +16,6 @@ sets ``thread_safe = True``. For CPU-bound envs, more throughput comes from more
 
 from __future__ import annotations
 
-import math
 import secrets
 import threading
 import time
@@ -23,13 +23,14 @@ import uuid
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sage_gym.envargs import MAX_SEED, check_env_kwargs
 from sage_gym.errors import EnvCrashedError, SageError, UnknownEnvError
 from sage_gym.registry import list_envs, make, spec
+from sage_gym.webapi import SafeJSONResponse, body_limit_for, json_app, jsonable
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ServerConfig:
     idle_timeout: float = 900.0  # seconds without a request before a session's env is closed
     max_response_chars: int = 65_536
     threads: int = 32  # worker threads that step envs
+    max_body_bytes: int | None = None  # None: room for max_response_chars in any JSON escaping (webapi)
 
 
 class ApiError(Exception):
@@ -49,23 +51,6 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with numpy scalars/arrays, tuples, sets and paths turned into JSON types (others: ``str``)."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "tolist"):  # numpy arrays and scalars
-        return jsonable(value.tolist())
-    return str(value)
 
 
 @dataclass
@@ -77,6 +62,7 @@ class Session:
     env: Any
     kwargs: dict[str, Any]
     engine_lock: Any = field(default_factory=nullcontext)  # shared by sessions of a non-thread-safe env class
+    started: bool = False  # an episode was reset: step and the action lists need one
     last_used: float = field(default_factory=time.monotonic)
     busy: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -120,6 +106,7 @@ class Sessions:
                                     f"(idle timeout {self.config.idle_timeout:g} s)")
             self._pending += 1
         try:
+            kwargs = check_env_kwargs(spec(env_id), kwargs)  # plain values within stated bounds, before make()
             engine_lock = self.engine_lock(env_id)
             with engine_lock:
                 env = make(env_id, **kwargs)
@@ -198,7 +185,9 @@ def _env_error(err: Exception) -> ApiError:
         return ApiError(502, f"the environment crashed: {err}")
     if isinstance(err, KeyError):  # e.g. an episode id outside the panel
         return ApiError(400, str(err.args[0]) if err.args else repr(err))
-    if isinstance(err, (SageError, ValueError, TypeError)):
+    if isinstance(err, SageError):  # written for users: says what was wrong and what is accepted
+        return ApiError(400, str(err))
+    if isinstance(err, (ValueError, TypeError)):
         return ApiError(400, f"{type(err).__name__}: {err}")
     if isinstance(err, NotImplementedError):
         return ApiError(501, f"not supported by this environment: {err}" if str(err) else "not supported by this environment")
@@ -216,9 +205,16 @@ class CreateRequest(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+class ResetOptions(BaseModel):
+    """``reset`` options: ``episode_id`` must be a string; other keys go to the env as they are."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    episode_id: str | None = None
+
+
 class ResetRequest(_Strict):
-    seed: int | None = None
-    options: dict[str, Any] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    options: ResetOptions | None = None
 
 
 class StepRequest(_Strict):
@@ -230,10 +226,7 @@ def create_app(config: ServerConfig | None = None):
     from contextlib import asynccontextmanager
 
     import anyio.to_thread
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from fastapi import Request
 
     config = config or ServerConfig()
     sessions = Sessions(config)
@@ -256,7 +249,8 @@ def create_app(config: ServerConfig | None = None):
         stop.set()
         sessions.close_all()
 
-    app = FastAPI(title="SAGE env server", description="sage_gym environments over HTTP", lifespan=lifespan)
+    app = json_app("SAGE env server", "error", config.max_body_bytes or body_limit_for(config.max_response_chars),
+                   description="sage_gym environments over HTTP", lifespan=lifespan)
     app.state.sessions = sessions
 
     @app.middleware("http")
@@ -264,49 +258,38 @@ def create_app(config: ServerConfig | None = None):
         if config.token is not None:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), config.token.encode()):
-                return JSONResponse({"error": "missing or wrong token: send the header 'Authorization: Bearer <token>' "
-                                              "with the token the server was started with (--token)"},
-                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                return SafeJSONResponse({"error": "missing or wrong token: send the header 'Authorization: Bearer "
+                                                  "<token>' with the token the server was started with (--token)"},
+                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
-        return JSONResponse({"error": err.message}, status_code=err.status)
+        return SafeJSONResponse({"error": err.message}, status_code=err.status)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, err: RequestValidationError):
-        problems = []
-        for e in err.errors():
-            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-            problems.append(f"{where}: {e.get('msg')}")
-        return JSONResponse({"error": f"invalid request to {request.method} {request.url.path}: " + "; ".join(problems)},
-                            status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, err: StarletteHTTPException):
-        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, err: Exception):
-        return JSONResponse({"error": f"internal error: {type(err).__name__}: {err}"}, status_code=500)
-
-    def use(session_id: str, fn):
-        """Run ``fn(env)`` on a session's env, one request at a time per session."""
+    def use(session_id: str, fn, starts_episode: bool = False):
+        """Run ``fn(env)`` on a session's env, one request at a time per session; before the first
+        successful reset (``starts_episode``) only a reset may run (409 otherwise)."""
         session = sessions.acquire(session_id)
         try:
             with session.lock:
                 if not sessions.is_live(session_id):  # closed while this request waited
                     raise sessions.missing(session_id)
+                if not (starts_episode or session.started):
+                    raise ApiError(409, f"session {session_id} has no episode yet: call POST /sessions/{session_id}"
+                                        "/reset before step, admissible_actions or expert_actions")
                 try:
                     with session.engine_lock:
-                        return fn(session.env)
+                        out = fn(session.env)
                 except Exception as err:
                     raise _env_error(err) from err
+                session.started = session.started or starts_episode
+                return out
         finally:
             sessions.release(session)
 
     @app.get("/health")
-    def health() -> dict:
+    def health():
         from sage_gym import __version__
 
         return {"status": "ok", "version": __version__, "sessions": len(sessions),
@@ -314,13 +297,13 @@ def create_app(config: ServerConfig | None = None):
                 "max_response_chars": config.max_response_chars}
 
     @app.get("/envs")
-    def envs() -> dict:
+    def envs():
         return {"envs": [{"env_id": s.env_id, "family": s.family, "split": s.split, "max_turns": s.max_turns,
                           "num_episodes": s.num_episodes, "has_train_split": s.has_train_split}
                          for s in list_envs()]}
 
     @app.post("/sessions", status_code=201)
-    def create_session(request: CreateRequest) -> dict:
+    def create_session(request: CreateRequest):
         try:
             session = sessions.create(request.env_id, request.kwargs)
         except Exception as err:
@@ -328,27 +311,28 @@ def create_app(config: ServerConfig | None = None):
         return session.metadata(config.max_response_chars)
 
     @app.get("/sessions")
-    def list_sessions() -> dict:
+    def list_sessions():
         now = time.monotonic()
         return {"sessions": [{"session_id": s.session_id, "env_id": s.env_id, "idle_seconds": now - s.last_used}
                              for s in sessions.snapshot()]}
 
     @app.get("/sessions/{session_id}")
-    def get_session(session_id: str) -> dict:
+    def get_session(session_id: str):
         session = sessions.acquire(session_id)
         sessions.release(session)
         return session.metadata(config.max_response_chars)
 
     @app.post("/sessions/{session_id}/reset")
-    def reset(session_id: str, request: ResetRequest) -> dict:
+    def reset(session_id: str, request: ResetRequest):
         def run(env):
-            observation, info = env.reset(seed=request.seed, options=request.options)
-            return {"observation": observation, "info": jsonable(info)}
+            options = request.options.model_dump(exclude_none=True) if request.options else None
+            observation, info = env.reset(seed=request.seed, options=options)
+            return {"observation": observation, "info": info}
 
-        return use(session_id, run)
+        return use(session_id, run, starts_episode=True)
 
     @app.post("/sessions/{session_id}/step")
-    def step(session_id: str, request: StepRequest) -> dict:
+    def step(session_id: str, request: StepRequest):
         if len(request.response) > config.max_response_chars:
             raise ApiError(413, f"response is {len(request.response)} characters long; this server accepts at most "
                                 f"{config.max_response_chars} (--max-response-chars)")
@@ -356,20 +340,20 @@ def create_app(config: ServerConfig | None = None):
         def run(env):
             observation, reward, terminated, truncated, info = env.step(request.response)
             return {"observation": observation, "reward": float(reward), "terminated": bool(terminated),
-                    "truncated": bool(truncated), "info": jsonable(info)}
+                    "truncated": bool(truncated), "info": info}
 
         return use(session_id, run)
 
     @app.get("/sessions/{session_id}/expert_actions")
-    def expert_actions(session_id: str) -> dict:
+    def expert_actions(session_id: str):
         return use(session_id, lambda env: {"actions": list(env.unwrapped.expert_actions())})
 
     @app.get("/sessions/{session_id}/admissible_actions")
-    def admissible_actions(session_id: str) -> dict:
+    def admissible_actions(session_id: str):
         return use(session_id, lambda env: {"actions": list(env.unwrapped.admissible_actions())})
 
     @app.delete("/sessions/{session_id}")
-    def delete_session(session_id: str) -> dict:
+    def delete_session(session_id: str):
         if not sessions.close(session_id, "it was closed with DELETE /sessions/{id}"):
             raise sessions.missing(session_id)
         return {"closed": True, "session_id": session_id}

@@ -51,19 +51,28 @@ def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     return total
 
 
+def turn_of_positions(turn_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(response mask [B, T], the turn of each response position [N]) from a batch's ``turn_index`` [B, T]
+    (-1 off responses), or from a bool mask [B, T] whose row b is turn b."""
+    if turn_index.dtype == torch.bool:
+        rows = torch.arange(turn_index.shape[0], device=turn_index.device)[:, None].expand_as(turn_index)
+        turn_index = torch.where(turn_index, rows, -1)
+    mask = turn_index >= 0
+    return mask, turn_index[mask]
+
+
 def micro_batch_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
-                     teacher: DenseTeacher | SparseTeacher | None, response_mask: torch.Tensor,
+                     teacher: DenseTeacher | SparseTeacher | None, turn_index: torch.Tensor,
                      target_ids: torch.Tensor, intervention: torch.Tensor, is_imitated: torch.Tensor,
                      loss_cfg: LossConfig) -> MicroResult:
     """sum(w * l) over a micro-batch: OPD token loss on distilled turns, cross-entropy on imitated turns.
 
     Student hidden states [B, T, H] and the teacher's scores (in-process ``DenseTeacher`` or a
-    server's top-k ``SparseTeacher``) are aligned with ``response_mask``/``target_ids`` [B, T]
-    (see ``sage_opd.teacher.make_batch``); ``intervention`` [B] holds i_t per turn (1 for
-    standard OPD), ``is_imitated`` [B] bool.
+    server's top-k ``SparseTeacher``) are aligned with ``turn_index``/``target_ids`` [B, T]
+    (see ``sage_opd.teacher.make_batch``; a bool response mask means one turn per row);
+    ``intervention`` [n_turns] holds i_t per turn (1 for standard OPD), ``is_imitated`` [n_turns] bool.
     """
-    rows = torch.arange(response_mask.shape[0], device=response_mask.device)[:, None].expand_as(response_mask)
-    row = rows[response_mask]
+    response_mask, row = turn_of_positions(turn_index)
     targets = target_ids[response_mask]
     hidden = student_hidden[response_mask]
     ce_sel, opd_sel = is_imitated[row], ~is_imitated[row]
@@ -94,11 +103,10 @@ def micro_batch_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
 
 @torch.no_grad()
 def reverse_kl_sum(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
-                   teacher_weight: torch.Tensor, response_mask: torch.Tensor, is_imitated: torch.Tensor,
+                   teacher_weight: torch.Tensor, turn_index: torch.Tensor, is_imitated: torch.Tensor,
                    intervention: torch.Tensor, chunk: int) -> float:
     """sum of the token reverse KL(p || q) on distilled, supervised tokens (for logging other token losses)."""
-    rows = torch.arange(response_mask.shape[0], device=response_mask.device)[:, None].expand_as(response_mask)
-    row = rows[response_mask]
+    response_mask, row = turn_of_positions(turn_index)
     keep = ~is_imitated[row] & (intervention.to(row.device)[row] > 0)
     s, t = student_hidden[response_mask][keep], teacher_hidden[response_mask][keep]
     return float(sum(token_losses(s[i:i + chunk] @ student_weight.T, t[i:i + chunk] @ teacher_weight.T).sum()

@@ -17,6 +17,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from sage_gym.durable import atomic_write
+from sage_gym.envargs import parse_key_value
 from sage_gym.errors import SageError
 
 ALGORITHMS = ("opd", "sage_opd", "guided_opd", "sft")
@@ -59,7 +61,8 @@ class TeacherConfig:
 
 @dataclass
 class LossConfig:
-    """SPEC section 4 options. ``opd`` forces intervention=all, confidence=none, normalization=standard."""
+    """SPEC section 4 options. ``opd`` and ``guided_opd`` force intervention=all, confidence=none and
+    normalization=standard (sum(l) / N); ``sage_opd`` takes preserve or none."""
 
     token_loss: Literal["reverse_kl", "sampled", "forward_kl", "jsd"] = "reverse_kl"
     jsd_beta: float = 0.5
@@ -86,6 +89,8 @@ class RolloutConfig:
     max_new_tokens: int = 512
     from_file: str | None = None  # train on a saved RolloutBatch (JSON) every step instead of collecting
     env_processes: bool = False  # one worker process per env: resets and steps of the batch run in parallel
+    episode_ids: list[str] | None = None  # sample episodes from these ids of env_id only (a fixed game pool)
+    env_kwargs: dict[str, Any] = field(default_factory=dict)  # more env options, e.g. {expert_labels: true}
 
 
 @dataclass
@@ -138,6 +143,7 @@ class LogConfig:
     wandb_project: str = "sage-opd"
     save_every: int = 50
     keep_checkpoints: int = 2
+    judge_turns: bool = False  # write judge_turns.jsonl: every judged turn's p_yes and i (and expert label, if any)
 
 
 @dataclass
@@ -212,6 +218,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a list, got {type(value).__name__} {value!r}")
         (item,) = get_args(tp)
         return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__} {value!r}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping of {', '.join(_fields(tp))}; got {value!r}")
@@ -251,34 +261,29 @@ def build(cls, data: dict[str, Any], path: str = ""):
     return cls(**kwargs)
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b.c`` in a nested dict, checking every part against the dataclass fields."""
-    cls, node, path = TrainConfig, data, ""
+def set_dotted(data: dict[str, Any], dotted: str, value: Any, root: type | None = None) -> None:
+    """Set ``a.b.c`` in a nested dict, checking every part against the fields of dataclass ``root``
+    (default ``TrainConfig``); below a free-form mapping field the keys are set as given."""
+    cls, node, path = root or TrainConfig, data, ""
     parts = dotted.split(".")
     for i, part in enumerate(parts):
-        fields = _fields(cls)
-        if part not in fields:
+        fields = _fields(cls) if cls is not None else None
+        if fields is not None and part not in fields:
             raise _unknown(part, path, list(fields))
         path = f"{path}.{part}" if path else part
         if i == len(parts) - 1:
             node[part] = value
             return
-        tp = fields[part]
-        if not dataclasses.is_dataclass(tp):
+        tp = fields[part] if fields is not None else dict
+        if not (dataclasses.is_dataclass(tp) or tp is dict or get_origin(tp) is dict):
             raise ConfigError(f"{path!r} is a value ({tp}), not a section: cannot set {dotted!r}")
         node = node.setdefault(part, {})
-        cls = tp
+        cls = tp if dataclasses.is_dataclass(tp) else None
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """``["optim.lr=1e-5", "lora.enabled=true"]`` -> ``[(key, yaml-parsed value), ...]``."""
-    out = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"Override {item!r} must look like key=value with a dotted key, e.g. optim.lr=1e-5")
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
-    return out
+    return [parse_key_value(item, "Override", "optim.lr=1e-5 (a dotted key)", ConfigError) for item in overrides]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -288,11 +293,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"Config file {str(path)!r} does not exist (see configs/ for examples)")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"Config file {str(path)!r} is not valid YAML{at}: {problem}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"Config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     cfg = build(TrainConfig, data)
     validate(cfg)
     return cfg
@@ -311,9 +322,12 @@ def validate(cfg: TrainConfig) -> None:
     needs_teacher = cfg.algorithm != "sft" or cfg.sft.source == "teacher"
     if needs_teacher and not (cfg.teacher.path or cfg.teacher.server_url):
         raise ConfigError(f"algorithm {cfg.algorithm!r} needs teacher.path (or teacher.server_url)")
+    if cfg.algorithm == "sage_opd" and cfg.loss.normalization == "standard":
+        raise ConfigError("loss.normalization=standard (sum(l) / N, no turn selection) is what algorithm=opd uses; "
+                          "sage_opd accepts preserve (sum(w l) / sum(w)) or none (sum(w l) / N)")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -7,13 +7,15 @@ the response should be corrected. API used by the trainer::
     JudgeConfig(mode="judge", decision="hard", tau=0.5, history_messages=6, seed=0)
     judge = TurnJudge(teacher, tokenizer, config)    # teacher: HFTeacher or RemoteTeacher
     result = judge(turns: list[JudgeTurn]) -> JudgeResult(interventions [float], p_yes [float | None], stats)
-    judge.yes_id, judge.no_id                          # the answer token ids (see below)
+    judge.yes_ids, judge.no_ids                        # the answer token ids (see below)
 
 p_yes = q(Yes) / (q(Yes) + q(No)) from ONE teacher forward pass over the judgment prompt
-rendered with the teacher's chat template and its generation prompt (thinking disabled). The
-answer tokens are the first token of "Yes" and of "No" as the tokenizer encodes them right
-after that assistant prompt: the ids of ``render(prompt) + "Yes"`` past the prompt's ids
-(falling back to the first id of "Yes" encoded alone when the prompt's ids are not a prefix).
+rendered with the teacher's chat template and its generation prompt (thinking disabled), each
+answer's probability summed over its usual spellings ("Yes", "yes", " Yes", " yes"). A
+spelling's token is the first token the tokenizer gives it right after that assistant prompt:
+the ids of ``render(prompt) + spelling`` past the prompt's ids (falling back to the first id of
+the spelling encoded alone when the prompt's ids are not a prefix); an id that starts a Yes and a
+No spelling alike (e.g. a bare space) is left out of both.
 
 Modes: ``judge`` (hard: i = 1[p_yes >= tau]; soft: i = p_yes); ``all`` (i = 1, no teacher call:
 standard OPD); ``inverted`` (i = 1 - the judge's i); ``random`` (the judge runs on the batch to
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sage_evals.models import chat_text
 from sage_gym.formatting import INVALID_REASONS
 
 MODES = ("judge", "all", "random", "inverted")
@@ -62,6 +65,16 @@ class JudgeTurn:
     response: str
     feedback: str
     invalid_reason: str | None = None
+
+
+def judgment_messages(turn: JudgeTurn, history_messages: int) -> list[dict[str, str]]:
+    """The judgment prompt as a chat (system, user): the task, the last ``history_messages`` messages
+    before the response (system message dropped), the response and the feedback that followed it."""
+    recent = [m for m in turn.history if m.get("role") != "system"][-history_messages:] if history_messages else []
+    history = "\n".join(f"[{m['role']}] {m['content']}" for m in recent) or "(none)"
+    return [{"role": "system", "content": JUDGE_SYSTEM},
+            {"role": "user", "content": JUDGE_TEMPLATE.format(task=turn.task, history=history, response=turn.response,
+                                                              feedback=turn.feedback)}]
 
 
 @dataclass
@@ -109,37 +122,42 @@ class TurnJudge:
         self.config = config or JudgeConfig()
         self.rng = random.Random(self.config.seed)
         self.judged_total, self.judged_sum = 0, 0.0
-        self.yes_id, self.no_id = self._answer_id("Yes"), self._answer_id("No")
-        if self.yes_id == self.no_id:
-            raise ValueError(f"'Yes' and 'No' start with the same token ({self.yes_id}) in this tokenizer")
+        yes, no = self._answer_ids("Yes"), self._answer_ids("No")
+        self.yes_ids, self.no_ids = [i for i in yes if i not in no], [i for i in no if i not in yes]
+        if not self.yes_ids or not self.no_ids:
+            raise ValueError(f"every spelling of 'Yes' and 'No' starts with a shared token in this tokenizer "
+                             f"(Yes: {yes}, No: {no}); the judge cannot tell the answers apart")
 
-    def _answer_id(self, word: str) -> int:
+    def _answer_ids(self, word: str) -> list[int]:
+        """The first token of each usual spelling of ``word`` right after the assistant prompt (deduplicated)."""
         text = self.render_text(JudgeTurn("task", [], "response", "feedback"))
         prefix = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        full = self.tokenizer(text + word, add_special_tokens=False)["input_ids"]
-        if full[:len(prefix)] == prefix and len(full) > len(prefix):
-            return full[len(prefix)]
-        return self.tokenizer(word, add_special_tokens=False)["input_ids"][0]
+        ids: list[int] = []
+        for spelling in (word, word.lower(), " " + word, " " + word.lower()):
+            full = self.tokenizer(text + spelling, add_special_tokens=False)["input_ids"]
+            if full[:len(prefix)] == prefix and len(full) > len(prefix):
+                token = full[len(prefix)]
+            else:
+                token = self.tokenizer(spelling, add_special_tokens=False)["input_ids"][0]
+            if token not in ids:
+                ids.append(token)
+        return ids
 
     def render_text(self, turn: JudgeTurn) -> str:
         """The judgment prompt in the teacher's chat template, ending with the assistant generation prompt."""
-        recent = [m for m in turn.history if m.get("role") != "system"][-self.config.history_messages:] \
-            if self.config.history_messages else []
-        history = "\n".join(f"[{m['role']}] {m['content']}" for m in recent) or "(none)"
-        messages = [{"role": "system", "content": JUDGE_SYSTEM},
-                    {"role": "user", "content": JUDGE_TEMPLATE.format(task=turn.task, history=history,
-                                                                      response=turn.response, feedback=turn.feedback)}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                  enable_thinking=False)
+        return chat_text(self.tokenizer, judgment_messages(turn, self.config.history_messages))
 
     def render(self, turn: JudgeTurn) -> list[int]:
         """Token ids of the judgment prompt."""
         return self.tokenizer(self.render_text(turn), add_special_tokens=False)["input_ids"]
 
     def p_yes(self, turns: list[JudgeTurn]) -> torch.Tensor:
-        """q(Yes) / (q(Yes) + q(No)) per turn, from one teacher forward pass per prompt."""
-        logprobs = self.teacher.next_token_logprobs([self.render(t) for t in turns], [self.yes_id, self.no_id])
-        return torch.softmax(logprobs.float(), -1)[:, 0]
+        """q(Yes) / (q(Yes) + q(No)) per turn, each summed over its spellings, from one forward pass per prompt."""
+        logprobs = self.teacher.next_token_logprobs([self.render(t) for t in turns], self.yes_ids + self.no_ids)
+        logprobs = logprobs.float()
+        yes = torch.logsumexp(logprobs[:, :len(self.yes_ids)], -1)
+        no = torch.logsumexp(logprobs[:, len(self.yes_ids):], -1)
+        return torch.sigmoid(yes - no)
 
     def __call__(self, turns: list[JudgeTurn]) -> JudgeResult:
         cfg = self.config

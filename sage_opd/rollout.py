@@ -21,6 +21,7 @@ from sage_evals.models import turn_seed
 from sage_evals.policy import PROMPT_TOO_LONG, Decoding, Policy
 from sage_gym.agents import ExpertAgent
 from sage_gym.errors import EnvCrashedError, SageError
+from sage_gym.procs import fixed_hash_seed
 
 
 @dataclass
@@ -39,6 +40,8 @@ class TurnRecord:
     feedback: str  # the env's answer to this turn
     source: str = "student"  # student | teacher | expert
     finish_reason: str = "stop"
+    action: str | None = None  # the parsed action (None when invalid)
+    expert_action: str | None = None  # the env's expert move from this state (envs made with expert_labels)
 
 
 @dataclass
@@ -128,8 +131,10 @@ class EnvSlot:
                 self.expert.reset(env, self.info)
             return self.info["task"], self.info["task_type"], env.unwrapped.messages, env.unwrapped.stop
         if cmd == "step":
+            expert = self.info.get("expert")  # the label of the state this response answers
             feedback, _, terminated, truncated, self.info = env.step(args[0])
-            keep = {k: self.info[k] for k in ("action_valid", "invalid_reason", "won", "score")}
+            keep = {k: self.info[k] for k in ("action_valid", "invalid_reason", "won", "score", "action")}
+            keep["expert_action"] = expert["action"] if expert else None
             return feedback, terminated, truncated, keep, env.unwrapped.messages
         if cmd == "expert":
             return self.expert.act(env, self.info)
@@ -179,7 +184,8 @@ class EnvProcess:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(child, env_id, kwargs), daemon=True)
-        self.proc.start()
+        with fixed_hash_seed():
+            self.proc.start()
         child.close()
         self._ids = self.recv()
 
@@ -214,10 +220,11 @@ class RolloutCollector:
     run in parallel (ALFWorld resets take about a second); generation stays in this process."""
 
     def __init__(self, env_id: str, n_envs: int, max_turns: int | None = None, history_window: int | None = None,
-                 check_split: bool = True, processes: bool = False):
+                 check_split: bool = True, processes: bool = False, episode_ids: list[str] | None = None,
+                 env_kwargs: dict[str, Any] | None = None):
         if check_split:
             check_train_split(env_id)
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(env_kwargs or {})
         if check_split and sage_gym.spec(env_id).split != "train":
             kwargs["split"] = "train"  # e.g. searchqa-nq: the id names a dataset whose train split is a kwarg
         if max_turns is not None:
@@ -233,6 +240,13 @@ class RolloutCollector:
             self.close()
             raise
         self.episode_ids = self.envs[0].episode_ids()
+        if episode_ids is not None:
+            unknown = sorted(set(episode_ids) - set(self.episode_ids))
+            if unknown or not episode_ids:
+                self.close()
+                raise SageError(f"rollout.episode_ids must be a non-empty list of {env_id} episode ids; unknown: "
+                                f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+            self.episode_ids = list(episode_ids)
 
     def sample_episode_ids(self, n: int, seed: int, step: int) -> list[str]:
         """The step's global batch of episode ids (the same on every rank)."""
@@ -294,7 +308,8 @@ class RolloutCollector:
                     episode=i, turn=turn, task=episodes[i].task, messages=context, prompt_ids=prompt_ids,
                     token_ids=token_ids, text=text, action_valid=bool(info["action_valid"]),
                     invalid_reason=info["invalid_reason"], feedback=feedback,
-                    source=sources[i], finish_reason=finish))
+                    source=sources[i], finish_reason=finish, action=info["action"],
+                    expert_action=info["expert_action"]))
                 episodes[i].won, episodes[i].score = bool(info["won"]), float(info["score"])
                 if not (terminated or truncated):
                     still.append(i)

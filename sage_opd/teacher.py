@@ -3,9 +3,10 @@
 Each turn is scored as its own sequence ``prompt_ids + token_ids``, both as the student's
 backend produced them (never re-tokenised). API used by the trainer::
 
-    make_batch(turns: Sequence[TurnIds | Generation], pad_id, device=None) -> TokenBatch
+    make_batch(turns: Sequence[TurnIds | Generation], pad_id, device=None, pack=True) -> TokenBatch
         # right-padded input_ids/attention_mask [B, T]; response_mask [B, T] is True at the
-        # positions whose next token is a response token; target_ids [B, T] = that next token
+        # positions whose next token is a response token; target_ids [B, T] = that next token;
+        # turn_index [B, T] = which turn that token belongs to (turns of an episode share a row)
     lm_hidden_states(model, batch) -> (hidden [B, T, H], head_weight [V, H])   # student or teacher
     check_same_tokenizer(student_tok, teacher_tok)        # raises TokenizerMismatchError
     HFTeacher(model_or_path, device="cpu", dtype=torch.float32, batch_size=8)
@@ -62,37 +63,62 @@ class TurnIds:
 
 @dataclass
 class TokenBatch:
-    """Right-padded turns; ``response_mask``/``target_ids`` are aligned with the logits positions."""
+    """Right-padded rows; ``response_mask``/``target_ids``/``turn_index`` are aligned with the logits positions.
+
+    A row holds one turn, or several turns of one episode when each turn's context extends the
+    previous turn's context and response (``pack_turns``): causal attention gives every response
+    token exactly the logits it has in its own turn's sequence, for a fraction of the tokens."""
 
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T]
     response_mask: torch.Tensor  # [B, T] bool: position predicts a response token
     target_ids: torch.Tensor  # [B, T]: the token that position predicts (pad elsewhere)
-    turns: list[TurnIds]
+    turn_index: torch.Tensor  # [B, T] long: the index of the turn whose response token that position predicts, else -1
+    rows: list[list[int]]  # each row's ids, unpadded
 
     @property
     def num_response_tokens(self) -> int:
         return int(self.response_mask.sum())
 
 
-def make_batch(turns: Sequence, pad_id: int, device: str | torch.device | None = None) -> TokenBatch:
-    """Pack turns (anything with ``prompt_ids`` and ``token_ids``) into one right-padded batch."""
+def pack_turns(turns: Sequence[TurnIds]) -> list[list[int]]:
+    """Group consecutive turns into chains where each turn's prompt starts with the previous turn's prompt and
+    response ids (the same episode, its context only grown); one group per row."""
+    groups: list[list[int]] = []
+    for k, t in enumerate(turns):
+        if groups:
+            last = turns[groups[-1][-1]]
+            head = last.prompt_ids + last.token_ids
+            if len(t.prompt_ids) >= len(head) and t.prompt_ids[:len(head)] == head:
+                groups[-1].append(k)
+                continue
+        groups.append([k])
+    return groups
+
+
+def make_batch(turns: Sequence, pad_id: int, device: str | torch.device | None = None, pack: bool = True) -> TokenBatch:
+    """Turns (anything with ``prompt_ids`` and ``token_ids``) as one right-padded batch, packing the turns of an
+    episode into one row when their contexts allow it (``pack``)."""
     turns = [TurnIds(list(t.prompt_ids or []), list(t.token_ids or [])) for t in turns]
     for k, t in enumerate(turns):
         if not t.prompt_ids:
             raise ValueError(f"turn {k} has no prompt_ids: the trainer must keep the ids the student was given")
-    length = max(len(t.prompt_ids) + len(t.token_ids) for t in turns)
-    input_ids = torch.full((len(turns), length), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(turns), length), dtype=torch.long)
-    response = torch.zeros((len(turns), length), dtype=torch.bool)
-    for b, t in enumerate(turns):
-        ids = t.prompt_ids + t.token_ids
+    groups = pack_turns(turns) if pack else [[k] for k in range(len(turns))]
+    rows = [turns[g[-1]].prompt_ids + turns[g[-1]].token_ids for g in groups]
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)
+    turn_index = torch.full((len(rows), length), -1, dtype=torch.long)
+    for b, (group, ids) in enumerate(zip(groups, rows)):
         input_ids[b, :len(ids)] = torch.tensor(ids)
         attention[b, :len(ids)] = 1
-        response[b, len(t.prompt_ids) - 1:len(ids) - 1] = True
+        for k in group:
+            start = len(turns[k].prompt_ids)
+            turn_index[b, start - 1:start + len(turns[k].token_ids) - 1] = k
     targets = torch.full_like(input_ids, pad_id)
     targets[:, :-1] = input_ids[:, 1:]
-    return TokenBatch(input_ids.to(device), attention.to(device), response.to(device), targets.to(device), turns)
+    return TokenBatch(input_ids.to(device), attention.to(device), (turn_index >= 0).to(device), targets.to(device),
+                      turn_index.to(device), rows)
 
 
 def lm_hidden_states(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +183,7 @@ class HFTeacher:
             rows = slice(s, s + self.batch_size)
             length = int(batch.attention_mask[rows].sum(1).max())
             part = TokenBatch(batch.input_ids[rows, :length].to(self.device),
-                              batch.attention_mask[rows, :length].to(self.device), None, None, [])
+                              batch.attention_mask[rows, :length].to(self.device), None, None, None, [])
             h, weight = lm_hidden_states(self.model, part)
             if hidden is None:
                 hidden = h.new_zeros((*batch.input_ids.shape, h.shape[-1]))
@@ -184,7 +210,7 @@ class HFTeacher:
             for b, p in enumerate(part):
                 ids[b, :len(p)] = torch.tensor(p)
             attention = (torch.arange(ids.shape[1], device=self.device)[None] < lengths[:, None]).long()
-            hidden, weight = lm_hidden_states(self.model, TokenBatch(ids, attention, None, None, []))
+            hidden, weight = lm_hidden_states(self.model, TokenBatch(ids, attention, None, None, None, []))
             last = hidden[torch.arange(len(part), device=self.device), lengths - 1]
             out.append(F.log_softmax((last @ weight.T).float(), -1)[:, candidates])
         return torch.cat(out)
@@ -232,13 +258,14 @@ class RemoteTeacher:
         ids = torch.arange(k).repeat(b, t, 1)
         logprobs = torch.zeros((b, t, k))
         token_lp = torch.zeros((b, t))
-        seqs = [turn.prompt_ids + turn.token_ids for turn in batch.turns]
+        seqs = batch.rows
         with ThreadPoolExecutor(self.concurrency) as pool:
             results = list(pool.map(self.prompt_logprobs, seqs))
-        for row, (turn, entries, seq) in enumerate(zip(batch.turns, results, seqs)):
+        response = batch.response_mask.cpu()
+        for row, (entries, seq) in enumerate(zip(results, seqs)):
             if len(entries) != len(seq):
                 raise TeacherServerError(f"teacher returned {len(entries)} prompt logprobs for {len(seq)} tokens")
-            for pos in range(len(turn.prompt_ids), len(seq)):
+            for pos in (p + 1 for p in range(len(seq) - 1) if response[row, p]):
                 entry = entries[pos]
                 if seq[pos] not in entry:
                     raise TeacherServerError(f"teacher prompt_logprobs at position {pos} lack the prompt token")

@@ -14,9 +14,8 @@ Everything random is seeded from (seed, step): a resumed run repeats an uninterr
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
+import pickle
 import random
 import shutil
 import time
@@ -31,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from sage_evals.policy import Decoding
+from sage_gym.durable import FolderLock, append_jsonl, read_jsonl, replace_dir, restore_aside, write_jsonl
 from sage_gym.errors import SageError, install_hint
 from sage_gym.formatting import INVALID_REASONS
 from sage_opd.algorithms import MicroResult, imitated, micro_batch_loss, reverse_kl_sum
@@ -71,6 +71,10 @@ def resolve_model_path(path: str) -> str:
         if name not in paths:
             raise ConfigError(f"unknown tiny model {path!r}; use tiny:student or tiny:teacher")
         return str(paths[name])
+    if Path(path).expanduser().exists():  # a local folder: a clear error unless it holds a model
+        from sage_evals.models import check_model_folder
+
+        check_model_folder(Path(path).expanduser())
     return path
 
 
@@ -114,15 +118,22 @@ def set_seed(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values, so that state.pt loads with ``weights_only=True``."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -195,6 +206,7 @@ class Trainer:
             trainable_guess //= self.dist.world  # sharded gradients and AdamW state (plus a full rollout copy)
         check_fits(student_params, teacher_params, trainable_guess, self.dtype, self.device)
 
+        self._lock = FolderLock(self.out_dir, "sage train").acquire() if self.dist.main else None
         resume_dir = self.latest_checkpoint() if resume else None
         self.resumed_from = resume_dir  # the checkpoint this run continues (None: from the start)
         if resume and resume_dir is None and self.dist.main:
@@ -239,7 +251,6 @@ class Trainer:
         if resume_dir is not None:
             self._load_state(resume_dir)
         if self.dist.main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
             self._truncate_metrics()
 
@@ -321,7 +332,8 @@ class Trainer:
                                                                              r.world)])
         if self.collector is None:
             self.collector = RolloutCollector(cfg.rollout.env_id, len(share) or 1, cfg.rollout.max_turns,
-                                              cfg.rollout.history_window, processes=cfg.rollout.env_processes)
+                                              cfg.rollout.history_window, processes=cfg.rollout.env_processes,
+                                              episode_ids=cfg.rollout.episode_ids, env_kwargs=cfg.rollout.env_kwargs)
         ids = self.collector.sample_episode_ids(total, cfg.optim.seed, step)
         seed = derive_seed(cfg.optim.seed, step)
         decoding = Decoding(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
@@ -357,7 +369,9 @@ class Trainer:
     def judge_turns(self, turns: list[TurnRecord], step: int) -> tuple[list[float], dict[str, Any]]:
         """i_t for every turn: the judge for ``sage_opd`` (short-circuiting invalid turns), else 1."""
         distilled = [t for t in turns if not imitated(t, self.cfg.algorithm)]
-        stats: dict[str, Any] = {"judge_calls": 0, **{f"short_circuit/{r}": 0 for r in INVALID_REASONS}}
+        # invalid turns by reason, for every algorithm: they get i = 1 with no teacher call (short circuit)
+        stats: dict[str, Any] = {"judge_calls": 0, **{f"short_circuit/{r}": sum(t.invalid_reason == r for t in distilled)
+                                                      for r in INVALID_REASONS}}
         if self.judge is None or not distilled:
             return [1.0] * len(turns), stats
         from sage_opd.judge import JudgeTurn
@@ -366,10 +380,18 @@ class Trainer:
         result = self.judge([JudgeTurn(t.task, t.messages, t.text, t.feedback, t.invalid_reason) for t in distilled])
         decided = iter(result.interventions)
         interventions = [1.0 if imitated(t, self.cfg.algorithm) else next(decided) for t in turns]
+        if self.cfg.log.judge_turns and self.dist.main:
+            self._log_judged(step, distilled, result)
         stats["judge_calls"] = result.stats.judge_calls
-        for reason, n in result.stats.short_circuit.items():
-            stats[f"short_circuit/{reason}"] = n
         return interventions, stats
+
+    def _log_judged(self, step: int, turns: list[TurnRecord], result) -> None:
+        """Append each judged turn (p_yes, i, the action and the env expert's move when known) to judge_turns.jsonl
+        (rank 0's turns), for analysing the judge on real rollouts."""
+        rows = [{"step": step + 1, "episode": t.episode, "turn": t.turn, "p_yes": p, "intervention": i,
+                 "action": t.action, "expert_action": t.expert_action}
+                for t, p, i in zip(turns, result.p_yes, result.interventions) if p is not None]
+        append_jsonl(self.out_dir / "judge_turns.jsonl", *rows)
 
     def accumulate(self, turns: list[TurnRecord], interventions: list[float], timer: PhaseTimer) -> dict[str, float]:
         """Backpropagate sum(w * l) over this rank's turns in ``optim.grad_accum`` micro-batches; return sums."""
@@ -396,12 +418,12 @@ class Trainer:
                         scores = DenseTeacher(scores.hidden, scores.weight[: self.vocab])
             with timer("loss"):
                 s_hidden, s_weight = self.student_hidden(batch)
-                res: MicroResult = micro_batch_loss(s_hidden, s_weight[: self.vocab], scores, batch.response_mask,
+                res: MicroResult = micro_batch_loss(s_hidden, s_weight[: self.vocab], scores, batch.turn_index,
                                                     batch.target_ids, weights, is_imitated, self.loss_cfg)
                 res.weighted_loss.backward()
                 if self.loss_cfg.token_loss != "reverse_kl" and isinstance(scores, DenseTeacher):
                     res.kl_sum = reverse_kl_sum(s_hidden.detach(), s_weight[: self.vocab].detach(), scores.hidden,
-                                                scores.weight, batch.response_mask, is_imitated, weights,
+                                                scores.weight, batch.turn_index, is_imitated, weights,
                                                 self.loss_cfg.chunk_tokens)
                 elif self.loss_cfg.token_loss != "reverse_kl":
                     res.kl_sum = float("nan")  # a server teacher gives top-k only: no full-vocabulary KL
@@ -505,9 +527,9 @@ class Trainer:
             if not isinstance(teacher, DenseTeacher):
                 raise SageError("token_kl needs an in-process teacher (full vocabulary)")
             s_hidden, s_weight = self.student_hidden(batch)
-            n = batch.input_ids.shape[0]
+            n = len(turns[lo:lo + batch_size])
             total += reverse_kl_sum(s_hidden, s_weight[: self.vocab], teacher.hidden, teacher.weight[: self.vocab],
-                                    batch.response_mask, torch.zeros(n, dtype=torch.bool, device=self.device),
+                                    batch.turn_index, torch.zeros(n, dtype=torch.bool, device=self.device),
                                     torch.ones(n, device=self.device), self.loss_cfg.chunk_tokens)
             count += batch.num_response_tokens
         return total / max(count, 1)
@@ -541,11 +563,16 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------------
     def latest_checkpoint(self) -> Path | None:
         folder = self.out_dir / "checkpoints"
+        if folder.is_dir() and self.dist.main:
+            restore_aside(folder)  # a checkpoint set aside by a save that crashed goes back first
+        if self.dist.world > 1:
+            dist.barrier()
         found = sorted(folder.glob(f"{CHECKPOINT_PREFIX}*[0-9]")) if folder.is_dir() else []
         return found[-1] if found else None
 
     def save_checkpoint(self, step: int) -> Path | None:
-        """Write model, optimiser, scheduler, RNG and judge state, then atomically rename the folder."""
+        """Write model, optimiser, scheduler, RNG and judge state into a temporary folder, then swap it in
+        durably (``replace_dir``: the previous folder of that step goes only once the new one is in place)."""
         model, optimizer_state = self.model, None
         if self.dist.strategy == "fsdp":  # gather the shards (collectives on every rank), save the full copy
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -565,19 +592,22 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp / "model")
         self.tokenizer.save_pretrained(tmp / "model")
-        judge = (self.judge.judged_total, self.judge.judged_sum) if self.judge is not None else None
+        judge = [self.judge.judged_total, self.judge.judged_sum] if self.judge is not None else None
         torch.save({"step": step, "optimizer": optimizer_state or self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                     "rng": rng_state(), "judge": judge, "config": self.cfg.to_dict()}, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
         for old in sorted(folder.glob(f"{CHECKPOINT_PREFIX}*[0-9]"))[: -self.cfg.log.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
     def _load_state(self, checkpoint: Path) -> None:
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        try:  # weights_only: a checkpoint folder is data, never code to run
+            state = torch.load(checkpoint / "state.pt", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise SageError(f"{checkpoint / 'state.pt'} holds pickled objects other than tensors and plain values, "
+                            "which sage does not load (unpickling can run code); it was not written by this version "
+                            f"of sage: {str(err).splitlines()[0]}") from None
         changed = [k for k, v in _flatten(self.cfg.to_dict()).items()
                    if _flatten(state["config"]).get(k) != v and not k.startswith(("log.", "eval."))]
         if changed and self.dist.main:
@@ -597,19 +627,19 @@ class Trainer:
         self.step = state["step"]
 
     def _truncate_metrics(self) -> None:
-        """On resume, drop logged steps past the checkpoint so the log reads like one run."""
-        if not self.metrics_path.exists():
-            return
-        lines = [ln for ln in self.metrics_path.read_text().splitlines()
-                 if ln.strip() and json.loads(ln).get("step", -1) <= self.step]
-        self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
+        """Cut a torn last line (a kill mid-write) and, on resume, drop logged steps past the checkpoint (step N:
+        N steps done, as in checkpoints/step-N) so the logs read like one run (rewritten atomically, only when there is something to drop)."""
+        for path in (self.metrics_path, self.out_dir / "judge_turns.jsonl"):
+            rows = read_jsonl(path)
+            kept = [r for r in rows if r.get("step", -1) <= self.step]
+            if len(kept) < len(rows):
+                write_jsonl(path, kept)
 
     # ---- logging and the loop -------------------------------------------------------------------------
     def log(self, metrics: dict[str, Any]) -> None:
         if not self.dist.main:
             return
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        append_jsonl(self.metrics_path, metrics)
         if self.cfg.log.tensorboard:
             if self.writer is None:
                 from torch.utils.tensorboard import SummaryWriter
@@ -666,6 +696,9 @@ class Trainer:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

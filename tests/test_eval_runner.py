@@ -383,3 +383,121 @@ def test_env_server_hook_plays_remote_envs(tmp_path):
         server.terminate()
         server.wait(30)
     assert summary["n_episodes"] == 2 and summary["success"]["mean"] == 1.0 and summary["n_errors"] == 0
+
+
+# ---- runs that failed must say so; bad input is one clear line -----------------------------------
+def _cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([SAGE, "evaluate", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _one_line_error(run: subprocess.CompletedProcess, needle: str, code: int = 2) -> None:
+    assert run.returncode == code, (run.returncode, run.stderr[-2000:])
+    assert run.stderr.startswith("error: ") and needle in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_a_run_whose_episodes_all_errored_exits_non_zero_and_counts_errors_by_cause(tmp_path):
+    from serving import free_port
+
+    down = f"http://127.0.0.1:{free_port()}"  # no retrieval server listens there
+    out = tmp_path / "run"
+    args = ["--model", "expert", "--env", "searchqa-demo", "--limit", "3", "--workers", "1", "--retries", "0",
+            "--env-arg", f"retriever={down}", "--env-arg", "topk=2", "--out", str(out), "--no-progress"]
+    run = _cli(*args)
+    _one_line_error(run, "3 of 3 episodes failed with errors, more than the allowed share 0.1", code=3)
+    assert "3 of 3 episodes errored" in run.stdout and "3 x RetrievalError: cannot reach the retrieval server" in run.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    (cause, n), = summary["errors_by_cause"].items()
+    assert n == 3 and cause.startswith(f"RetrievalError: cannot reach the retrieval server at {down}")
+    settings = json.loads((out / "run.json").read_text())
+    assert settings["env_kwargs"]["retriever"] == down and settings["env_kwargs"]["topk"] == 2
+    tolerant = _cli(*args, "--max-error-share", "1")  # resumes (nothing left to do), allowed: exit 0, still said
+    assert tolerant.returncode == 0 and "3 of 3 episodes errored" in tolerant.stdout, tolerant.stderr
+    other = _cli(*args[:-5], "--env-arg", "topk=3", "--out", str(out), "--no-progress")
+    _one_line_error(other, "env_kwargs")  # env options are checked on resume
+
+
+def test_a_second_writer_of_a_run_folder_is_refused(tmp_path):
+    out = tmp_path / "run"
+    first = _start_cli(out, limit=6, workers=1)
+    _wait_lines(out, 1, first)
+    second = _cli("--model", "expert", "--env", "alfworld-unseen", "--limit", "6", "--workers", "1", "--out", str(out),
+                  "--no-progress")
+    _one_line_error(second, f"{out} is in use by another sage evaluate (pid {first.pid})")
+    assert first.wait(300) == 0, first.communicate()
+    records = _lines(out)
+    assert len(records) == 6 and len({(r["episode_id"], r["seed"]) for r in records}) == 6
+    assert json.loads((out / "summary.json").read_text())["n_episodes"] == 6
+
+
+@pytest.mark.parametrize("case", ["seeds 0,0", "seeds ''", "seeds -1", "out is a file", "junk config.json",
+                                  "empty run.json", "non-object line", "unknown env option", "env option type"])
+def test_bad_input_is_one_clear_line(case, tmp_path):
+    out = tmp_path / "run"
+    args = {"--model": "expert", "--env": "alfworld-unseen", "--limit": "1", "--workers": "1", "--out": str(out)}
+    extra: list[str] = []
+    if case.startswith("seeds"):
+        extra, needle = [f"--seeds={case.split()[1].strip(chr(39))}"], "seed"
+        needle = {"0,0": "seeds must be distinct integers >= 0, e.g. 0,1,2; got [0, 0]", "": "got none",
+                  "-1": "a seed must be an integer between 0 and 2**63-1, got -1"}[case.split()[1].strip("'")]
+    elif case == "out is a file":
+        out.write_text("not a folder")
+        needle = f"the run folder {out} is a file; pass a folder"
+    elif case == "junk config.json":
+        (tmp_path / "model").mkdir()
+        (tmp_path / "model" / "config.json").write_text("{junk")
+        args["--model"], needle = str(tmp_path / "model"), "config.json' is not valid JSON"
+    elif case == "empty run.json":
+        out.mkdir()
+        (out / "run.json").write_text("")
+        needle = "run.json is empty or not valid JSON"
+    elif case == "non-object line":
+        evaluate("expert", "alfworld-unseen", limit=1, workers=1, out_dir=out, progress=False)
+        with open(out / "episodes.jsonl", "a") as f:
+            f.write("[1, 2]\n")
+        needle = "episodes.jsonl:2 holds a JSON list, not an object"
+    elif case == "unknown env option":
+        extra, needle = ["--env-arg", "topk=3"], "alfworld-unseen has no option 'topk'; accepted: data_dir,"
+    else:
+        extra, needle = ["--env-arg", "max_turns=lots"], "option 'max_turns' must be an integer, got str 'lots'"
+    run = _cli(*[x for kv in args.items() for x in kv], *extra, "--no-progress")
+    _one_line_error(run, needle)
+
+
+def test_resume_compares_effective_settings(tmp_path):
+    out = tmp_path / "run"
+    base = ["--model", "expert", "--env", "alfworld-unseen", "--limit", "1", "--workers", "1", "--out", str(out),
+            "--no-progress"]
+    assert _cli(*base).returncode == 0
+    explicit = _cli(*base, "--max-turns", "30", "--env-arg", "reset_cache_size=64", "--env-arg", "render_mode=null")
+    assert explicit.returncode == 0, explicit.stderr  # the defaults given explicitly: the same run, resumed
+    assert len(_lines(out)) == 1
+    _one_line_error(_cli(*base, "--env-arg", "max_turns=29"), "max_turns: run has 30, now 29")
+
+
+def test_data_dir_registers_custom_searchqa_datasets_and_the_expert_is_an_oracle(tmp_path):
+    """A FlashRAG dataset folder under --data-dir is searchqa-<name>; the expert searches the question and answers
+    the gold answer (a format/scoring oracle: it needs no supporting passages)."""
+    from sage_gym.envs.searchqa_demo import build_world
+    from sage_gym.retrieval import build_bm25s_index
+
+    corpus, splits = build_world()
+    folder = tmp_path / "data" / "searchqa" / "mine"
+    folder.mkdir(parents=True)
+    questions = splits["test"][:3]
+    (folder / "test.jsonl").write_text("".join(json.dumps({"id": f"m{i}", "question": q.question,
+                                                           "golden_answers": q.golden_answers}) + "\n"
+                                               for i, q in enumerate(questions)))
+    build_bm25s_index(corpus, folder / "index")
+    env = {k: v for k, v in os.environ.items() if k not in ("SAGE_DATA", "SAGE_RETRIEVER")}
+    out = tmp_path / "run"
+    run = _cli("--model", "expert", "--env", "searchqa-mine", "--data-dir", str(tmp_path / "data"), "--workers", "1",
+               "--out", str(out), "--no-progress", env=env)
+    assert run.returncode == 0, run.stderr
+    records = sorted(_lines(out), key=lambda r: r["episode_id"])
+    assert [r["episode_id"] for r in records] == ["m0", "m1", "m2"] and all(r["success"] for r in records)
+    assert [s["action"] for s in records[1]["steps"]] == [f"search[{questions[1].question}]",
+                                                          f"answer[{questions[1].golden_answers[0]}]"]
+    assert "data_dir" not in json.loads((out / "run.json").read_text())["env_kwargs"]  # machine-local
+    _one_line_error(_cli("--model", "expert", "--env", "searchqa-mine", "--out", str(tmp_path / "x"), env=env),
+                    "Unknown env id 'searchqa-mine'")

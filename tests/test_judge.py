@@ -60,8 +60,9 @@ def test_p_yes_matches_a_hand_computation(teacher, tok):
     judge = TurnJudge(teacher, tok)
     turns = make_turns(6)
     got = judge.p_yes(turns)
-    assert tok.decode([judge.yes_id]) == "Yes"[: len(tok.decode([judge.yes_id]))]
-    assert tok.decode([judge.no_id]) == "No"[: len(tok.decode([judge.no_id]))]
+    spellings = {"yes": ("Yes", "yes", " Yes", " yes"), "no": ("No", "no", " No", " no")}
+    for ids, words in ((judge.yes_ids, spellings["yes"]), (judge.no_ids, spellings["no"])):
+        assert ids and all(any(w.startswith(tok.decode([i])) for w in words) for i in ids)  # spelling prefixes
     for k, turn in enumerate(turns):
         text = judge.render_text(turn)
         assert text.endswith("<|im_start|>assistant\n")  # the answer follows the assistant generation prompt
@@ -70,7 +71,8 @@ def test_p_yes_matches_a_hand_computation(teacher, tok):
         with torch.no_grad():
             logits = teacher.model(torch.tensor([tok(text)["input_ids"]])).logits[0, -1]
         q = logits.softmax(-1)
-        assert got[k].item() == pytest.approx((q[judge.yes_id] / (q[judge.yes_id] + q[judge.no_id])).item(), abs=1e-5)
+        yes, no = q[judge.yes_ids].sum(), q[judge.no_ids].sum()
+        assert got[k].item() == pytest.approx((yes / (yes + no)).item(), abs=1e-5)
     assert len(set(round(p, 6) for p in got.tolist())) > 1  # prompts differ, so do the judgments
 
 
@@ -101,23 +103,31 @@ def test_modes_behave_as_defined(teacher, tok):
     assert i == [1.0] * 7 and teacher.calls == before and out.stats.judge_calls == 0
 
 
-def test_random_mode_matches_the_judges_running_rate(teacher, tok):
-    turns = make_turns(8)
-    p = TurnJudge(teacher, tok).p_yes(turns).tolist()
-    tau = sorted(p)[5]  # the judge flags 3 of 8 turns
+def test_random_mode_draws_at_the_judges_running_rate_not_the_batch_rate(teacher, tok):
+    """A batch the judge flags entirely, then batches it flags none of: a running rate (over every judged turn so
+    far) keeps drawing interventions in the later batches at 8/16, 8/24, ...; a per-batch rate would draw none."""
+    pool = make_turns(16)
+    p = TurnJudge(teacher, tok).p_yes(pool).tolist()
+    order = sorted(range(16), key=lambda k: p[k])
+    tau = (p[order[7]] + p[order[8]]) / 2
+    flagged, passed = [pool[k] for k in order[8:]], [pool[k] for k in order[:8]]
     judge = TurnJudge(teacher, tok, JudgeConfig(mode="random", tau=tau, seed=3))
-    draws = []
-    for _ in range(12):
-        out = judge(turns)
-        assert set(out.interventions) <= {0.0, 1.0} and out.stats.judge_calls == 8
-        assert out.stats.judge_rate == pytest.approx(3 / 8)
+    first = judge(flagged)
+    assert first.stats.judge_rate == 1.0 and first.interventions == [1.0] * 8
+    draws, expected, variance = [], 0.0, 0.0
+    for batch in range(1, 12):
+        out = judge(passed)
+        rate = 8 / (8 * (batch + 1))  # running: the 8 flagged turns over all turns judged so far
+        assert out.stats.judge_rate == pytest.approx(rate) and out.stats.judge_calls == 8
+        assert set(out.interventions) <= {0.0, 1.0}
         draws.append(out.interventions)
-    flat = [x for row in draws for x in row]
-    assert abs(sum(flat) / len(flat) - 3 / 8) < 0.15  # 96 Bernoulli(3/8) draws: std ~0.05
-    hard = [float(x >= tau) for x in p]
-    assert any(row != hard for row in draws)  # random, not the judge's own decisions
-    again = TurnJudge(teacher, tok, JudgeConfig(mode="random", tau=tau, seed=3))
-    assert [again(turns).interventions for _ in range(2)] == draws[:2]  # seeded
+        expected, variance = expected + 8 * rate, variance + 8 * rate * (1 - rate)
+    ones = sum(map(sum, draws))
+    # expected ~16.8 ones (std ~3.4); a per-batch rate gives 0 in every one of these batches
+    assert abs(ones - expected) < 4 * variance ** 0.5 and ones >= 6
+    twin = TurnJudge(teacher, tok, JudgeConfig(mode="random", tau=tau, seed=3))
+    twin(flagged)
+    assert twin(passed).interventions == draws[0]  # seeded
 
 
 def test_config_is_validated():
@@ -136,3 +146,24 @@ def test_prompt_shows_only_the_recent_history(teacher, tok):
     text = TurnJudge(teacher, tok, JudgeConfig(history_messages=2)).render_text(turn)
     assert "NEW observation" in text and "OLD action" in text
     assert "OLD observation" not in text and "RULES" not in text
+
+
+def test_answer_spellings_with_the_real_smollm2_tokenizer():
+    """SmolLM2's tokenizer has four first tokens for each answer; p_yes sums them (not only 'Yes' = 10539)."""
+    from sage_evals.models import smollm2_path
+
+    smol = HFTeacher(smollm2_path())
+    judge = TurnJudge(smol, smol.tokenizer)
+    decode = smol.tokenizer.decode
+    assert [decode([i]) for i in judge.yes_ids] == ["Yes", "yes", " Yes", " yes"] and 10539 in judge.yes_ids
+    assert [decode([i]) for i in judge.no_ids] == ["No", "no", " No", " no"]
+    turns = [JudgeTurn("put a clean mug in the coffee machine", [{"role": "user", "content": "You are in the kitchen."}],
+                       "The mug is on countertop 1. <action>go to countertop 1</action>",
+                       "You arrive at countertop 1. On it you see a mug 1.")]
+    got = judge.p_yes(turns)[0].item()
+    with torch.no_grad():
+        q = smol.model(torch.tensor([judge.render(turns[0])])).logits[0, -1].float().softmax(-1)
+    yes, no = q[judge.yes_ids].sum(), q[judge.no_ids].sum()
+    assert got == pytest.approx((yes / (yes + no)).item(), abs=1e-5)
+    one_token = (q[10539] / (q[10539] + q[judge.no_ids[0]])).item()
+    assert abs(got - one_token) > 1e-3  # the other spellings carry probability the old judge ignored

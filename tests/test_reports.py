@@ -226,6 +226,10 @@ def test_run_folder_errors_are_clear(tmp_path):
     (run / "episodes.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(RunFormatError, match=r"episodes.jsonl:3 is not valid JSON"):
         load_run(run)
+    lines[2] = "3"
+    (run / "episodes.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(RunFormatError, match=r"episodes.jsonl:3 holds a JSON int, not an object"):
+        load_run(run)
 
 
 # ---- compare ----------------------------------------------------------------------------
@@ -308,6 +312,19 @@ def _report_runs(tmp_path: Path) -> Path:
     write_run(root / "big-cap4__alfworld-unseen", "big", [record(f"ep{i}", 0, False, task_type=TYPES[i % 2])
                                                           for i in range(6)], max_turns=4)
     return root
+
+
+def test_report_plots_runs_whose_interval_ends_round_past_the_mean(tmp_path):
+    """`sage report` on an expert run (4 of 4) and a random run (0 of 6), one seed each: no matplotlib crash,
+    also when an interval end lies past the mean by float rounding."""
+    from sage_evals.plots import Series, bars
+
+    a = write_run(tmp_path / "A", "expert", [record(f"e{i}", 0, True) for i in range(4)])
+    b = write_run(tmp_path / "B", "random", [record(f"e{i}", 0, False) for i in range(6)])
+    result = CliRunner().invoke(app, ["report", str(a), str(b), "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    assert "<svg" in (tmp_path / "r.html").read_text()
+    assert "<svg" in bars("t", ["all"], [Series("m", [0.5], [0.5 + 1e-12], [0.9])])
 
 
 def _value_labels(svg: str) -> list[str]:

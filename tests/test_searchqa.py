@@ -282,6 +282,7 @@ def test_server_speaks_the_search_r1_protocol(server, demo_index):
     ({"queries": ["x" * 201]}, "max_query_chars=200"),
     ({"queries": ["a"], "topk": 21}, "topk must be between 1 and 20"),
     ({"queries": ["a"], "topk": -1}, "topk must be between 1 and 20"),
+    ({"queries": ["a"], "topk": 0}, "topk must be between 1 and 20, got 0"),
 ])
 def test_server_rejects_malformed_requests_with_json_4xx(server, payload, needle):
     r = httpx.post(f"{server}/retrieve", json=payload)
@@ -292,6 +293,13 @@ def test_server_rejects_malformed_requests_with_json_4xx(server, payload, needle
 def test_server_rejects_a_body_that_is_not_json(server):
     r = httpx.post(f"{server}/retrieve", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and "detail" in r.json()
+
+
+@pytest.mark.parametrize("body", [b'{"queries": ["a"], "topk": NaN}', b'{"queries": ["a"], "topk": 1e400}',
+                                  b'{"queries": [Infinity]}', b'{"queries": ["a"], "return_scores": -Infinity}'])
+def test_server_answers_non_finite_numbers_with_a_422(server, body):
+    r = httpx.post(f"{server}/retrieve", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "invalid request to POST /retrieve" in r.json()["detail"]
 
 
 def test_http_backend_returns_the_same_passages_as_the_local_index(server, demo_index):

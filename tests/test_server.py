@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,47 +19,18 @@ import sage_gym
 from sage_gym.agents import ExpertAgent
 from sage_gym.remote import RemoteEnv, RemoteEnvError
 from sage_gym.server import jsonable
+from serving import SAGE, sage_server
 
 TOKEN = "s3cret-token"
-SAGE = str(Path(sys.executable).parent / "sage")
 ENV_ID = "alfworld-unseen"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
 def sage_serve(*args: str):
-    """Start `sage serve` on a free loopback port, wait until it answers, stop it (SIGTERM) afterwards."""
-    port = _free_port()
-    proc = subprocess.Popen([SAGE, "serve", "--port", str(port), "--log-level", "warning", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    """`sage serve` on a free loopback port (see serving.sage_server)."""
     headers = {"Authorization": f"Bearer {TOKEN}"} if TOKEN in args else {}
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"sage serve exited with {proc.returncode}: {proc.stdout.read()}")
-            try:
-                if httpx.get(f"{url}/health", headers=headers, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("sage serve did not answer within 90 s")
-            time.sleep(0.2)
+    with sage_server("serve", "--log-level", "warning", *args, headers=headers) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +129,17 @@ def test_bad_requests_get_clear_4xx_json_and_the_server_keeps_serving(server, cl
     assert "Did you mean alfworld-unseen" in error(client.post("/sessions", json={"env_id": "alfworld-unsen"}), 404)
     assert "split" in error(client.post("/sessions", json={"env_id": ENV_ID, "kwargs": {"split": "nope"}}), 400)
     assert "nope" in error(client.post("/sessions", json={"env_id": ENV_ID, "kwargs": {"nope": 1}}), 400)
+    for kwargs, needle in (({"formatter": "x"}, "'formatter' takes a Python object"),
+                           ({"max_turns": 1e308}, "'max_turns' must be an integer, got float"),
+                           ({"max_turns": 5000}, "'max_turns' must be between 1 and 1000"),
+                           ({"reset_cache_size": 1_000_000}, "'reset_cache_size' must be between 0 and 1024"),
+                           ({"render_mode": 7}, "'render_mode' must be a string or null"),
+                           ({"render_mode": "human"}, "'render_mode' must be one of ansi, None")):
+        assert needle in error(client.post("/sessions", json={"env_id": ENV_ID, "kwargs": kwargs}), 400)
+    for path in ("admissible_actions", "expert_actions"):
+        assert "no episode yet: call POST" in error(client.get(f"/sessions/{session}/{path}"), 409)
+    assert "seed" in error(client.post(f"/sessions/{session}/reset", json={"seed": -1}), 422)
+    assert "episode_id" in error(client.post(f"/sessions/{session}/reset", json={"options": {"episode_id": 3}}), 422)
     assert "does not exist" in error(client.post("/sessions/abc/step", json={"response": "x"}), 404)
     assert "reset" in error(client.post(f"/sessions/{session}/step", json={"response": "<action>look</action>"}), 409)
     assert "not in the" in error(client.post(f"/sessions/{session}/reset", json={"options": {"episode_id": "x"}}), 400)
@@ -168,8 +149,11 @@ def test_bad_requests_get_clear_4xx_json_and_the_server_keeps_serving(server, cl
     # the server and the session still work
     assert client.get("/health").json()["status"] == "ok"
     reset = client.post(f"/sessions/{session}/reset", json={"seed": 1}).json()
+    odd = client.post(f"/sessions/{session}/step", headers={"content-type": "application/json"},
+                      content=json.dumps({"response": "\ud800 <action>look</action>"}).encode())
+    assert odd.status_code == 200 and odd.json()["info"]["messages"][-2]["content"].startswith("\ud800")
     step = client.post(f"/sessions/{session}/step", json={"response": "<action>look</action>"}).json()
-    assert step["info"]["action_valid"] and step["info"]["turn"] == 1
+    assert step["info"]["action_valid"] and step["info"]["turn"] == 2  # the session answers on after the surrogate
     assert step["info"]["episode_id"] == reset["info"]["episode_id"]
     assert client.delete(f"/sessions/{session}").json()["closed"]
     assert "DELETE" in error(client.post(f"/sessions/{session}/step", json={"response": "x"}), 404)

@@ -109,3 +109,35 @@ def test_remote_teacher_over_http_matches_the_model(setup, tiny_models):
     out.loss.backward()
     assert out.num_tokens == batch.num_response_tokens and out.loss.item() > 0
     assert student.get_output_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_packed_turns_score_exactly_like_separate_turns(tiny_models):
+    """Turns of one episode whose contexts extend each other share one row, with the same teacher log-probs
+    and losses as one row per turn, and far fewer tokens; a turn that breaks the chain starts a new row."""
+    from sage_opd.algorithms import micro_batch_loss
+    from sage_opd.config import LossConfig
+    from sage_opd.teacher import pack_turns
+
+    g = torch.Generator().manual_seed(1)
+    rand = lambda n: torch.randint(3, 300, (n,), generator=g).tolist()  # noqa: E731
+    prompt, turns = rand(20), []
+    for _ in range(4):  # context grows by the last response plus some feedback tokens
+        turns.append(TurnIds(list(prompt), rand(6)))
+        prompt = prompt + turns[-1].token_ids + rand(5)
+    turns.append(TurnIds(rand(15), rand(4)))  # another episode
+    assert pack_turns(turns) == [[0, 1, 2, 3], [4]]
+    packed, separate = make_batch(turns, 0), make_batch(turns, 0, pack=False)
+    assert packed.input_ids.shape[0] == 2 and packed.attention_mask.sum() < separate.attention_mask.sum() / 2
+    teacher = HFTeacher(tiny_models["teacher"])
+    torch.testing.assert_close(teacher.token_logprobs(packed)[packed.response_mask],
+                               teacher.token_logprobs(separate)[separate.response_mask], rtol=1e-4, atol=1e-5)
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    interventions, imitated = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0]), torch.tensor([False, False, True, False, False])
+    sums = []
+    for batch in (packed, separate):
+        hidden, weight = lm_hidden_states(student, batch)
+        res = micro_batch_loss(hidden, weight, teacher.score(batch), batch.turn_index, batch.target_ids,
+                               interventions, imitated, LossConfig())
+        sums.append((float(res.weighted_loss), res.weight_sum, res.opd_tokens, res.ce_tokens))
+    assert sums[0][2:] == sums[1][2:] == (16, 6)  # turn 1 skipped (i=0), turn 2 imitated (6 tokens)
+    assert sums[0][0] == pytest.approx(sums[1][0], rel=1e-4) and sums[0][1] == pytest.approx(sums[1][1], rel=1e-4)

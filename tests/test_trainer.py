@@ -13,12 +13,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from sage_evals.policy import Decoding
 from sage_opd.config import ConfigError, load_config
 from sage_opd.rollout import RolloutBatch, RolloutCollector, guided_beta
+from sage_gym.durable import FolderInUseError
+from sage_gym.errors import SageError
 from sage_opd.trainer import ModelTooLargeError, Trainer, check_fits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +79,15 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    bad.write_text("algorithm: opd\nrollout: [episodes: 4\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml' is not valid YAML at line 3, column 1"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"optim.lr=\[1': the value is not valid YAML"):
+        load_config(TINY, ["optim.lr=[1"])
+    with pytest.raises(ConfigError, match="normalization=standard .* is what algorithm=opd uses; sage_opd accepts"):
+        load_config(TINY, ["loss.normalization=standard"])
+    assert load_config(TINY, ["algorithm=opd", "loss.normalization=standard"]).effective_loss().normalization == \
+        "standard"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
@@ -213,8 +225,10 @@ def test_training_lowers_kl_on_heldout_student_turns(algorithm, batches, tiny_mo
     after = trainer.token_kl(heldout)
     assert after < 0.85 * before, (before, after)
     assert history[-1]["loss"] < history[0]["loss"]
+    # the invalid turns (the random student's 2) are counted by reason whatever the algorithm
+    assert history[0]["short_circuit/unparseable"] == 2 and history[0]["short_circuit/empty"] == 0
     if algorithm == "sage_opd":  # the judge read the valid turns; the invalid ones short-circuited
-        assert history[0]["judge_calls"] == 2 and history[0]["short_circuit/unparseable"] == 2
+        assert history[0]["judge_calls"] == 2
         assert 0.0 < history[0]["intervention_rate"] < 1.0 and history[0]["confidence_mean"] < 1.0
     else:
         assert history[0]["judge_calls"] == 0 and history[0]["intervention_rate"] == 1.0
@@ -267,6 +281,8 @@ def test_lora_student_trains_adapters_only_and_resumes(batches, tiny_models, tmp
     trainer = Trainer(cfg)
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+    with pytest.raises(FolderInUseError, match=f"{tmp_path} is in use by another sage train"):
+        Trainer(cfg)  # a second trainer writing the same out_dir
     history = trainer.train()
     assert history[1]["loss"] < history[0]["loss"]
     assert (tmp_path / "checkpoints" / "step-000002" / "model" / "adapter_model.safetensors").is_file()
@@ -274,6 +290,12 @@ def test_lora_student_trains_adapters_only_and_resumes(batches, tiny_models, tmp
     assert resumed.step == 2 and resumed.train() == []
     assert resumed.token_kl(RolloutBatch.load(batches["train"]).turns) == pytest.approx(
         trainer.token_kl(RolloutBatch.load(batches["train"]).turns), rel=1e-6)
+    state_file = tmp_path / "checkpoints" / "step-000002" / "state.pt"
+    state = torch.load(state_file, weights_only=True)  # tensors and plain values only
+    state["rng"]["numpy"] = np.random.get_state()  # a pickled numpy array: what state.pt held before
+    torch.save(state, state_file)
+    with pytest.raises(SageError, match="holds pickled objects other than tensors and plain values"):
+        Trainer(cfg, resume=True)
 
 
 def test_sage_opd_with_a_teacher_server_over_http(batches, tiny_models, tmp_path):
@@ -306,6 +328,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_models, tmp_path):
     full = Trainer(load_config(TINY, overrides(tiny_models, tmp_path / "full", *extra))).train()
     cfg = load_config(TINY, overrides(tiny_models, tmp_path / "cut", *extra))
     first = Trainer(cfg).train(until=1)
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 1, "loss": 0.')  # killed while logging step 1
     second = Trainer(cfg, resume=True).train()
     assert len(first) == 1 and len(second) == 1 and second[0]["step"] == 2
     assert [m["loss"] for m in first + second] == [m["loss"] for m in full]
@@ -395,3 +419,8 @@ def test_sage_train_cli_writes_metrics_and_a_checkpoint(tiny_models, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sage_cli", "train", "--config", str(TINY), "optim.lrr=1"],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "Did you mean 'lr'" in bad.stderr and "Traceback" not in bad.stderr
+    (tmp_path / "bad.yaml").write_text("optim:\n  lr: [1e-5\n")
+    bad = subprocess.run([sys.executable, "-m", "sage_cli", "train", "--config", str(tmp_path / "bad.yaml")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "is not valid YAML at line" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

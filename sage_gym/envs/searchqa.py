@@ -24,7 +24,7 @@ from sage_gym.core import EpisodeStart, GameStep, TextEnv
 from sage_gym.envs.searchqa_demo import N_TEST_MULTI, N_TEST_SINGLE
 from sage_gym.errors import DataNotFoundError, SageError, install_hint
 from sage_gym.formatting import EMPTY, SCHEMA_VIOLATION, UNPARSEABLE, ReActFormatter
-from sage_gym.registry import EnvSpec, register
+from sage_gym.registry import EnvSpec, add_discoverer, list_envs, register
 from sage_gym.retrieval import Passage, Retriever, build_bm25s_index, format_passages, load_retriever
 
 MAX_TURNS = 16
@@ -343,11 +343,12 @@ class SearchQAEnv(TextEnv):
         return [f"search[{question}]"] + [f"answer[{p.title}]" for p in self._last_passages if p.title]
 
     def expert_actions(self) -> list[str]:
-        """Demo data: search each supporting passage's entity, then answer the first golden answer."""
-        queries = self._item.extra.get("expert_queries")
-        if queries is None:
-            raise NotImplementedError(f"{self.env_id} has no expert plan "
-                                      "(only searchqa-demo records its supporting passages)")
+        """Search each supporting passage's entity (demo data), else the question itself, then answer the first
+        golden answer. On datasets without supporting passages this is a format/scoring oracle: it wins by
+        answering the gold answer whatever the search returned, so it measures nothing about retrieval."""
+        if self._item is None:
+            raise RuntimeError("call reset() before expert_actions()")
+        queries = self._item.extra.get("expert_queries") or [" ".join(self._item.question.split())]
         return [f"search[{q}]" for q in queries] + [f"answer[{self._item.golden_answers[0]}]"]
 
     def close(self):
@@ -357,9 +358,9 @@ class SearchQAEnv(TextEnv):
 
 
 # ---- registration --------------------------------------------------------------------------
-def _installed_datasets() -> list[str]:
-    """Known datasets plus any other dataset folder the user installed under ``$SAGE_DATA/searchqa``."""
-    root = data_root()
+def _installed_datasets(data_dir: str | Path | None = None) -> list[str]:
+    """Known datasets plus any other dataset folder installed under ``<data_dir or $SAGE_DATA>/searchqa``."""
+    root = data_root(data_dir)
     if not root.is_dir():
         return list(DATASETS)
     extra = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in ("index", "demo", *DATASETS)
@@ -382,13 +383,21 @@ def data_status(spec: EnvSpec) -> str:
     return "no index: run `sage retriever index` or set $SAGE_RETRIEVER"
 
 
-def _has_train(dataset: str) -> bool:
-    return any((data_root() / dataset / f"train{ext}").is_file() for ext in (".jsonl", ".parquet"))
+def _has_train(dataset: str, data_dir: str | Path | None = None) -> bool:
+    return any((data_root(data_dir) / dataset / f"train{ext}").is_file() for ext in (".jsonl", ".parquet"))
+
+
+def register_datasets(data_dir: str | Path | None = None) -> None:
+    """Register ``searchqa-<name>`` for every dataset folder under ``data_dir`` (default ``$SAGE_DATA``)."""
+    known = {s.env_id for s in list_envs()}
+    for name in _installed_datasets(data_dir):
+        if f"searchqa-{name}" not in known:
+            register(EnvSpec(f"searchqa-{name}", "sage_gym.envs.searchqa:SearchQAEnv", "searchqa", name, MAX_TURNS,
+                             None, {"dataset": name}, has_train_split=_has_train(name, data_dir),
+                             data_status="sage_gym.envs.searchqa:data_status"))
 
 
 register(EnvSpec("searchqa-demo", "sage_gym.envs.searchqa:SearchQAEnv", "searchqa", "demo", MAX_TURNS, DEMO_TEST_SIZE,
                  {"dataset": "demo"}, has_train_split=True, data_status="sage_gym.envs.searchqa:data_status"))
-for _name in _installed_datasets():
-    register(EnvSpec(f"searchqa-{_name}", "sage_gym.envs.searchqa:SearchQAEnv", "searchqa", _name, MAX_TURNS, None,
-                     {"dataset": _name}, has_train_split=_has_train(_name),
-                     data_status="sage_gym.envs.searchqa:data_status"))
+register_datasets()
+add_discoverer(register_datasets)

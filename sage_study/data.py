@@ -1,0 +1,126 @@
+"""The study's data: episodes played through the evaluation runner with the env's expert labels,
+turned into imitation examples (the teacher's and the warm student's SFT data) and judgment
+examples (the teacher's judge skill), with labels defined here once.
+
+Labels use privileged information (the hand-coded expert's move from each state) only to build
+the teacher; during distillation the judge is the teacher's forward pass alone (SPEC section 4).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sage_opd.judge import JudgeTurn, judgment_messages
+from sage_study.sft import ChatExample
+
+NOTHING_HAPPENS = "Nothing happens."
+JUDGE_ANSWERS = {True: "Yes", False: "No"}
+
+
+def panel_ids(env_id: str, **env_kwargs: Any) -> list[str]:
+    """The env's episode ids (its fixed panel order)."""
+    import sage_gym
+
+    env = sage_gym.make(env_id, **env_kwargs)
+    try:
+        return list(env.unwrapped.episode_ids)
+    finally:
+        env.close()
+
+
+def split_games(ids: Sequence[str], sizes: dict[str, int], seed: int) -> dict[str, list[str]]:
+    """Disjoint seeded samples of ``ids``, one per name: ``{"expert": 600, "noisy": 200, ...}``."""
+    if sum(sizes.values()) > len(ids):
+        raise ValueError(f"asked for {sum(sizes.values())} games in all, but the split has {len(ids)}")
+    shuffled = list(ids)
+    random.Random(seed).shuffle(shuffled)
+    out, start = {}, 0
+    for name, n in sizes.items():
+        out[name] = shuffled[start:start + n]
+        start += n
+    return out
+
+
+def play(policy: str, env_id: str, episode_ids: Sequence[str], out_dir: str | Path, *, seed: int = 0,
+         workers: int = 2, max_turns: int | None = None, decoding=None, model_opts: dict | None = None,
+         progress: bool = True) -> list[dict]:
+    """Play ``episode_ids`` once each with ``policy`` (a model path or a scripted agent such as ``handcoded``)
+    through ``sage_evals.runner.evaluate`` with expert labels on; returns the episode records (resumable)."""
+    from sage_evals.runner import RunFolder, evaluate
+
+    evaluate(policy, env_id, seeds=[seed], workers=workers, episode_ids=list(episode_ids), out_dir=out_dir,
+             decoding=decoding, env_kwargs={"max_turns": max_turns, "expert_labels": True},
+             model_opts=model_opts, progress=progress)
+    return RunFolder(out_dir).records()
+
+
+def _turns(record: dict) -> Iterable[tuple[int, dict, list[dict]]]:
+    """(index of the assistant message, step, the messages before it) for each turn of a finished episode."""
+    messages = record["messages"]
+    for t, step in enumerate(record["steps"]):
+        k = 2 + 2 * t
+        if k < len(messages) and messages[k]["role"] == "assistant":
+            yield k, step, messages[:k]
+
+
+def agrees(step: dict) -> bool:
+    """Whether the turn played the expert's own move from that state."""
+    return bool(step.get("expert")) and step["action_valid"] and step["action"] == step["expert"]["action"]
+
+
+def imitation_examples(records: Iterable[dict]) -> list[ChatExample]:
+    """Whole episodes, trained on the turns that agree with the expert (all of them for the expert itself;
+    for noisy play, the recoveries but not the injected mistakes)."""
+    out = []
+    for record in records:
+        if record.get("error") or not record["messages"]:
+            continue
+        train = [k for k, step, _ in _turns(record) if agrees(step)]
+        if train:
+            out.append(ChatExample(record["messages"], train))
+    return out
+
+
+def needs_correction(step: dict) -> bool:
+    """The judge's label for a valid turn: Yes when it did not play the expert's move from that state, or when
+    the game answered that nothing happened."""
+    return step["action"] != step["expert"]["action"] or step["observation"].strip().startswith(NOTHING_HAPPENS)
+
+
+def judge_turns(records: Iterable[dict]) -> list[tuple[JudgeTurn, bool]]:
+    """Every valid, expert-labelled turn as the judge sees it, with its label (True: should be corrected).
+    Invalid turns are short-circuited by the judge and never reach it."""
+    out = []
+    for record in records:
+        if record.get("error"):
+            continue
+        for _, step, history in _turns(record):
+            if step["action_valid"] and step.get("expert"):
+                turn = JudgeTurn(record.get("task", ""), history, step["response"], step["observation"])
+                out.append((turn, needs_correction(step)))
+    return out
+
+
+def judge_examples(labelled: Iterable[tuple[JudgeTurn, bool]], history_messages: int) -> list[ChatExample]:
+    """Judgment prompts answered Yes/No, in the exact chat the trainer's judge renders."""
+    return [ChatExample(judgment_messages(turn, history_messages) + [{"role": "assistant", "content": JUDGE_ANSWERS[y]}])
+            for turn, y in labelled]
+
+
+def balance(labelled: list[tuple[JudgeTurn, bool]], seed: int) -> list[tuple[JudgeTurn, bool]]:
+    """Downsample the majority label so that Yes and No are equally frequent (seeded)."""
+    yes = [x for x in labelled if x[1]]
+    no = [x for x in labelled if not x[1]]
+    rng = random.Random(seed)
+    n = min(len(yes), len(no))
+    return rng.sample(yes, n) + rng.sample(no, n)
+
+
+def corpus(records: Iterable[dict]) -> Iterable[str]:
+    """Every message text of the episodes (the tokenizer's training text)."""
+    for record in records:
+        for message in record["messages"]:
+            yield message["content"]

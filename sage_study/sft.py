@@ -1,0 +1,173 @@
+"""Offline supervised fine-tuning on chat examples: how the study builds its tiny teacher and
+warm-starts its student (the trainer's ``sft`` algorithm is the on-policy baseline instead).
+
+A ``ChatExample`` is a conversation and the assistant turns to learn. The whole chat is rendered
+once with the chat template (``chat_text``) and tokenised; the loss is the cross-entropy on the
+trained turns' tokens (their content and end token), so a 30-turn episode costs one sequence.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sage_evals.models import chat_text
+
+IGNORE = -100
+
+
+@dataclass
+class ChatExample:
+    """A chat and the indexes of its assistant messages to train on (None: every assistant message)."""
+
+    messages: list[dict[str, str]]
+    train_turns: list[int] | None = None
+
+
+def encode(tokenizer, example: ChatExample) -> tuple[list[int], list[int]]:
+    """Token ids of the whole chat and labels: the id on trained assistant tokens, -100 elsewhere.
+
+    A trained message spans from the end of the chat rendered up to it with a generation prompt
+    to the end of the chat rendered through it, so the model learns exactly what it is asked to
+    continue at generation time."""
+    messages = example.messages
+    full = chat_text(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant" or (example.train_turns is not None and k not in example.train_turns):
+            continue
+        start = len(chat_text(tokenizer, messages[:k], add_generation_prompt=True))
+        end = len(chat_text(tokenizer, messages[:k + 1], add_generation_prompt=False))
+        if not full.startswith(chat_text(tokenizer, messages[:k + 1], add_generation_prompt=False)):
+            raise ValueError("the chat template does not render a chat as the concatenation of its turns; "
+                             "offline SFT needs a prefix-consistent template (ChatML is)")
+        spans.append((start, end))
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    labels = [tok if any(s <= a < e for s, e in spans) else IGNORE for tok, (a, _) in zip(ids, encoded["offset_mapping"])]
+    return ids, labels
+
+
+@dataclass
+class SftConfig:
+    """Optimisation settings of one offline SFT run."""
+
+    epochs: float = 3.0  # may be fractional
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.03  # share of the steps
+    batch_tokens: int = 16384  # padded tokens per batch
+    max_len: int = 4096  # longer examples are dropped (and counted)
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class SftResult:
+    steps: int = 0
+    tokens_trained: int = 0
+    dropped: int = 0
+    losses: list[float] = field(default_factory=list)  # mean loss per epoch (per partial epoch at the end)
+    seconds: float = 0.0
+
+
+def batches(lengths: Sequence[int], batch_tokens: int, rng: random.Random) -> list[list[int]]:
+    """Index batches of similar lengths whose padded size stays within ``batch_tokens``, in random order."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
+    out, current, longest = [], [], 0
+    for i in order:
+        if current and max(longest, lengths[i]) * (len(current) + 1) > batch_tokens:
+            out.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, lengths[i])
+    if current:
+        out.append(current)
+    rng.shuffle(out)
+    return out
+
+
+def train_sft(model, tokenizer, examples: Sequence[ChatExample], cfg: SftConfig,
+              on_step: Callable[[int, int, float], None] | None = None) -> SftResult:
+    """Fine-tune ``model`` in place on ``examples``; ``on_step(step, total_steps, loss)`` reports progress."""
+    import time
+
+    start = time.perf_counter()
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    encoded = [encode(tokenizer, e) for e in examples]
+    result = SftResult(dropped=sum(len(ids) > cfg.max_len for ids, _ in encoded))
+    encoded = [(ids, labels) for ids, labels in encoded if len(ids) <= cfg.max_len]
+    if not encoded:
+        raise ValueError(f"no training example fits in max_len={cfg.max_len} tokens")
+    lengths = [len(ids) for ids, _ in encoded]
+    per_epoch = len(batches(lengths, cfg.batch_tokens, random.Random(0)))
+    total = max(1, math.ceil(per_epoch * cfg.epochs))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(1, int(cfg.warmup * total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    model.train()
+    step, epoch_losses = 0, []
+    while step < total:
+        for batch in batches(lengths, cfg.batch_tokens, rng):
+            if step >= total:
+                break
+            width = max(lengths[i] for i in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                n = lengths[i]
+                ids[row, :n] = torch.tensor(encoded[i][0])
+                labels[row, :n] = torch.tensor(encoded[i][1])
+                mask[row, :n] = 1
+            ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+            target = labels[:, 1:]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                                   ignore_index=IGNORE)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            result.tokens_trained += int((target != IGNORE).sum())
+            last = loss.item()
+            epoch_losses.append(last)
+            if step % per_epoch == 0 or step == total:
+                result.losses.append(sum(epoch_losses) / len(epoch_losses))
+                epoch_losses = []
+            if on_step is not None:
+                on_step(step, total, last)
+    model.eval()
+    result.steps, result.seconds = step, time.perf_counter() - start
+    return result
+
+
+def save_model(model, tokenizer, dest: str | Path) -> Path:
+    """``save_pretrained`` into ``dest`` atomically (a temporary folder renamed into place)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

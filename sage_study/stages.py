@@ -1,0 +1,233 @@
+"""The stages of the study (see ``driver.Study.stages`` for their order). Each returns what it made."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sage_evals.policy import Decoding
+from sage_study import data as D
+from sage_study.config import MethodConfig
+
+if TYPE_CHECKING:
+    from sage_study.driver import Study
+
+
+def _records(study: Study, name: str) -> list[dict]:
+    from sage_evals.runner import RunFolder
+
+    return RunFolder(study.data_dir(name)).records()
+
+
+def _play_info(records: list[dict]) -> dict[str, Any]:
+    n = len(records)
+    return {"episodes": n, "success": sum(r["success"] for r in records) / max(n, 1),
+            "turns_mean": sum(r["turns"] for r in records) / max(n, 1),
+            "errors": sum(bool(r.get("error")) for r in records)}
+
+
+def _history_messages(study: Study) -> int:
+    from sage_opd.config import TrainConfig, build
+
+    return 2 * build(TrainConfig, study.cfg.train).loss.judge_history_turns
+
+
+# ---- data --------------------------------------------------------------------------------------------
+def pick_games(study: Study) -> dict[str, Any]:
+    """Disjoint seeded samples of train games for every data set, written to games.json."""
+    from sage_study.driver import atomic_json
+
+    cfg, d = study.cfg, study.cfg.data
+    build = cfg.teacher.path is None
+    sizes = {"expert": d.expert, "noisy": d.noisy, "judge": d.judge, "heldout": d.heldout} if build else {}
+    if d.pool_source == "fresh":
+        sizes["pool"] = d.pool
+    games = D.split_games(D.panel_ids(cfg.envs.train), sizes, d.seed)
+    if d.pool_source == "expert":
+        games["pool"] = games["expert"][:d.pool]
+    if build or cfg.student.path is None:
+        games["warm"] = games["expert"][len(games["expert"]) - d.warm:]  # disjoint from a pool taken from the front
+    atomic_json(study.out / "games.json", games)
+    return {name: len(ids) for name, ids in games.items()}
+
+
+def play_expert(study: Study, name: str, epsilon: float) -> dict[str, Any]:
+    """The hand-coded expert (with ``epsilon`` random mistakes) on the ``name`` games, expert labels on."""
+    cfg = study.cfg
+    records = D.play("handcoded", cfg.envs.train, study.games()[name], study.data_dir(name if name != "heldout"
+                                                                                        else "heldout-noisy"),
+                     workers=cfg.data.workers, max_turns=cfg.envs.max_turns,
+                     model_opts={"epsilon": epsilon} if epsilon else None)
+    return _play_info(records)
+
+
+def train_tokenizer(study: Study) -> dict[str, Any]:
+    """Byte-level BPE on the text of the expert and noisy episodes (train split only) plus the prompts."""
+    from sage_study.models import train_tokenizer as train
+
+    records = _records(study, "expert") + _records(study, "noisy")
+    tokenizer = train(D.corpus(records), study.cfg.tokenizer_vocab)
+    tokenizer.save_pretrained(study.tokenizer_path)
+    return {"vocab": len(tokenizer)}
+
+
+def _sft(study: Study, which: str, examples: list, dest: str) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from sage_study.models import count_params, new_model
+    from sage_study.sft import save_model, train_sft
+
+    spec = getattr(study.cfg, which)
+    tokenizer = AutoTokenizer.from_pretrained(study.tokenizer_path)
+    model = new_model(tokenizer, spec.arch, seed=spec.sft.seed)
+    with _StepBar(f"{which} SFT") as bar:
+        result = train_sft(model, tokenizer, examples, spec.sft, on_step=bar.update)
+    save_model(model, tokenizer, dest)
+    return {"params": count_params(model), "examples": len(examples), "steps": result.steps,
+            "tokens_trained": result.tokens_trained, "dropped": result.dropped, "epoch_losses": result.losses,
+            "sft_seconds": round(result.seconds, 1)}
+
+
+def warm_student(study: Study) -> dict[str, Any]:
+    """The student trained briefly on a few expert episodes, so that it writes valid actions."""
+    warm = set(study.games()["warm"])
+    records = [r for r in _records(study, "expert") if r["episode_id"] in warm]
+    return _sft(study, "student", D.imitation_examples(records), study.student_path)
+
+
+def student_rollouts(study: Study) -> dict[str, Any]:
+    """The warm student on the judge and held-out games (expert labels on): realistic turns to judge."""
+    cfg, games = study.cfg, study.games()
+    records = D.play(study.student_path, cfg.envs.train, games["judge"] + games["heldout"], study.data_dir("student"),
+                     workers=cfg.eval.workers, max_turns=cfg.envs.max_turns,
+                     decoding=Decoding(temperature=1.0, max_new_tokens=cfg.eval.max_new_tokens))
+    return _play_info(records)
+
+
+def _judge_data(study: Study, games: set[str]) -> list:
+    """Labelled judge turns of the noisy expert and the student on ``games``."""
+    records = [r for r in _records(study, "noisy") + _records(study, "heldout-noisy") + _records(study, "student")
+               if r["episode_id"] in games]
+    return D.judge_turns(records)
+
+
+def train_teacher(study: Study) -> dict[str, Any]:
+    """The teacher: imitation of the expert (and of its recoveries in noisy play) plus judgment examples."""
+    cfg, games = study.cfg, study.games()
+    imitation = D.imitation_examples(_records(study, "expert") + _records(study, "noisy"))
+    labelled = D.balance(_judge_data(study, set(games["noisy"]) | set(games["judge"])), cfg.data.seed)
+    labelled = labelled[:int(cfg.teacher.judge_share * len(imitation))]
+    examples = imitation + D.judge_examples(labelled, _history_messages(study))
+    info = _sft(study, "teacher", examples, study.teacher_path)
+    return {**info, "imitation_examples": len(imitation), "judge_examples": len(labelled)}
+
+
+def judge_eval(study: Study) -> dict[str, Any]:
+    """The teacher's judge on held-out games' turns (noisy expert and student), through the trainer's judge."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sage_evals.stats import auroc
+    from sage_opd.judge import JudgeConfig, TurnJudge
+    from sage_opd.teacher import HFTeacher
+
+    labelled = _judge_data(study, set(study.games()["heldout"]))
+    if not labelled:
+        return {"turns": 0}
+    tokenizer = AutoTokenizer.from_pretrained(study.teacher_path)
+    teacher = HFTeacher(AutoModelForCausalLM.from_pretrained(study.teacher_path), tokenizer=tokenizer)
+    judge = TurnJudge(teacher, tokenizer, JudgeConfig(history_messages=_history_messages(study)))
+    p_yes = []
+    for lo in range(0, len(labelled), 32):
+        p_yes += judge.p_yes([t for t, _ in labelled[lo:lo + 32]]).tolist()
+    labels = [y for _, y in labelled]
+    correct = sum((p >= 0.5) == y for p, y in zip(p_yes, labels))
+    return {"turns": len(labels), "yes_rate": sum(labels) / len(labels), "accuracy": correct / len(labels),
+            "auroc": auroc(p_yes, labels), "judged_yes_rate": sum(p >= 0.5 for p in p_yes) / len(p_yes)}
+
+
+# ---- evaluation and training --------------------------------------------------------------------------
+def evaluate_model(study: Study, name: str, model_path: str) -> dict[str, Any]:
+    """``model_path`` on each evaluation panel (fixed prefixes) with the evaluation seeds, through sage_evals."""
+    from sage_evals.runner import evaluate
+
+    cfg, ecfg, out = study.cfg, study.cfg.eval, {}
+    for panel, env_id, limit, ids in study.panels():
+        summary = evaluate(model_path, env_id, seeds=ecfg.seeds, workers=ecfg.workers, limit=limit,
+                           episode_ids=ids, out_dir=study.out / "evals" / name / panel,
+                           decoding=Decoding(temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens),
+                           env_kwargs={"max_turns": cfg.envs.max_turns})
+        out[panel] = {"success": summary["success"]["mean"], "score": summary["score"]["mean"],
+                      "invalid_rate": sum(summary["invalid_rate"].values()), "turns_mean": summary["turns_mean"],
+                      "episodes": summary["n_episodes"], "errors": summary["n_errors"]}
+    return out
+
+
+def train_config(study: Study, method: MethodConfig, seed: int):
+    """The `sage train` config of one run: the shared ``train`` section, the method, the seed and the study's
+    models, rollout game pool and paths."""
+    from sage_opd.config import TrainConfig, build, parse_overrides, set_dotted, validate
+
+    data = copy.deepcopy(study.cfg.train)
+    for key, value in {"algorithm": method.algorithm, "student.path": study.student_path,
+                       "teacher.path": study.teacher_path, "optim.seed": seed,
+                       "rollout.env_id": study.cfg.envs.train, "rollout.max_turns": study.cfg.envs.max_turns,
+                       "rollout.episode_ids": study.games()["pool"],
+                       "rollout.env_kwargs": {"expert_labels": True}, "log.out_dir": str(study.run_dir(method.name, seed)),
+                       "log.judge_turns": True, "eval.every": 0}.items():
+        set_dotted(data, key, value)
+    for key, value in parse_overrides(method.overrides):
+        set_dotted(data, key, value)
+    cfg = build(TrainConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def train_run(study: Study, method: MethodConfig, seed: int) -> dict[str, Any]:
+    """One `sage train` run (resumed from its last checkpoint if it was interrupted)."""
+    from sage_opd.trainer import Trainer
+
+    cfg = train_config(study, method, seed)
+    trainer = Trainer(cfg, resume=Path(cfg.log.out_dir, "checkpoints").is_dir())
+    with _StepBar(f"train {method.name} seed {seed}", total=cfg.optim.steps, done=trainer.step) as bar:
+        history = trainer.train(on_step=lambda m: bar.update(m["step"] + 1, cfg.optim.steps, m.get("loss")))
+    steps = [m["time/step"] for m in history]
+    return {"steps": cfg.optim.steps, "seconds_per_step": sum(steps) / len(steps) if steps else None}
+
+
+def evaluate_run(study: Study, method: MethodConfig, seed: int) -> dict[str, Any]:
+    """The run's final checkpoint on the evaluation panels."""
+    folder = study.run_dir(method.name, seed) / "checkpoints"
+    final = sorted(folder.glob("step-*[0-9]"))
+    if not final:
+        raise FileNotFoundError(f"{folder} holds no checkpoint: run the train/{method.name}/{seed} stage first")
+    return evaluate_model(study, f"{method.name}-seed{seed}", str(final[-1] / "model"))
+
+
+def report(study: Study) -> dict[str, Any]:
+    from sage_study.report import write_report
+
+    return write_report(study)
+
+
+class _StepBar:
+    """A rich progress bar with ETA for a loop of steps (``update(step, total, loss)``)."""
+
+    def __init__(self, label: str, total: int | None = None, done: int = 0):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self.progress = Progress(TextColumn(f"[bold blue]{label}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
+        self.task = self.progress.add_task(label, total=total, completed=done, status="")
+
+    def __enter__(self) -> _StepBar:
+        self.progress.start()
+        return self
+
+    def update(self, step: int, total: int, loss: float | None = None) -> None:
+        self.progress.update(self.task, completed=step, total=total,
+                             status=f"loss {loss:.4f}" if loss is not None else "")
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
