@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sage_evals.policy import (CONTEXT, EOS, LENGTH, PROMPT_TOO_LONG, STOP, Decoding, Generation, Policy,
+from sage_evals.policy import (EOS, LENGTH, PROMPT_TOO_LONG, STOP, Decoding, Generation, Policy,
                                 new_token_budget)
 from sage_gym.errors import SageError, install_hint
 

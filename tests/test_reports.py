@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from sage_cli.main import app
 from sage_evals.leaderboard import RunFormatError, compare, find_runs, leaderboard, load_run
-from sage_evals.report import EXTERNAL_URL, load_sources, render_report, write_report
+from sage_evals.report import EXTERNAL_URL, render_report, write_report
 from sage_evals.stats import (bootstrap_ci, game_estimate, mcnemar, mcnemar_exact_p, mean_std_ci, paired_bootstrap,
                               per_game, sign_flip_test)
 from sage_gym.errors import SageError

@@ -174,7 +174,7 @@ def test_play_as_a_human_shows_the_task_and_menu_answers_and_help_are_free(env):
     assert f"Task: {' '.join(task.split())}" in text
     assert "commands (help costs no turn)" in text and "menu answer: no turn used" in text
     assert "'fly away' is not a command this game knows" in text and "Reply with your reasoning" not in text
-    assert f"Result: not won, score" in text and f"{menu + 1} turns (quit)" in text  # the menu answer was free
+    assert "Result: not won, score" in text and f"{menu + 1} turns (quit)" in text  # the menu answer was free
 
 
 def test_failure_scores_zero_and_turn_cap_truncates(env):
