@@ -188,7 +188,7 @@ def settings_terms(run: Run) -> dict[str, str]:
 
 def run_labels(runs: list[Run]) -> dict[str, str]:
     """A legend name per run: its model, plus the settings that differ among runs of that model (the
-    folder name only where runs would still read the same)."""
+    folder name only where two runs of one env would still read the same)."""
     by_model: dict[str, list[Run]] = defaultdict(list)
     for r in runs:
         by_model[r.model].append(r)
@@ -200,10 +200,11 @@ def run_labels(runs: list[Run]) -> dict[str, str]:
         for r in group:
             extra = "; ".join(terms[r.name][k] for k in varying if k in terms[r.name])
             labels[r.name] = f"{model} ({extra})" if extra else model
+    env = {r.name: r.env_id for r in runs}  # runs are shown by env: a label need only be unique within one
     counts = defaultdict(int)
-    for label in labels.values():
-        counts[label] += 1
-    return {name: f"{label} [{name}]" if counts[label] > 1 else label for name, label in labels.items()}
+    for name, label in labels.items():
+        counts[env[name], label] += 1
+    return {name: f"{label} [{name}]" if counts[env[name], label] > 1 else label for name, label in labels.items()}
 
 
 def comparable_key(run: Run) -> tuple:

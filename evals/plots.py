@@ -118,6 +118,7 @@ def curves(title: str, panels: dict[str, dict[str, list[tuple[int, float]]]]) ->
                         label=label)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         if len(lines) > 1:
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(shown):]:

@@ -327,6 +327,22 @@ def test_report_plots_runs_whose_interval_ends_round_past_the_mean(tmp_path):
     assert "<svg" in bars("t", ["all"], [Series("m", [0.5], [0.5 + 1e-12], [0.9])])
 
 
+def test_legend_labels_name_model_and_settings_and_use_folders_only_to_break_ties(tmp_path):
+    from sage_evals.leaderboard import run_labels
+
+    recs = [record("ep0", 0, True)]
+    write_run(tmp_path / "step-2" / "seen", "student @ step 2", recs, env_id="alfworld-seen")
+    write_run(tmp_path / "step-2" / "unseen", "student @ step 2", recs)
+    write_run(tmp_path / "greedy", "smol", recs, decoding={"temperature": 0.0, "top_p": 1.0, "top_k": None,
+                                                           "max_new_tokens": 96})
+    write_run(tmp_path / "hot", "smol", recs)
+    write_run(tmp_path / "hot-again", "smol", recs)
+    assert run_labels(find_runs([tmp_path])) == {
+        "step-2/seen": "student @ step 2", "step-2/unseen": "student @ step 2",  # one per env: no tie
+        "greedy": "smol (T=0.0, top_p=1.0, max_new=96)",
+        "hot": "smol (T=0.4, top_p=1.0, max_new=4096) [hot]", "hot-again": "smol (T=0.4, top_p=1.0, max_new=4096) [hot-again]"}
+
+
 def _value_labels(svg: str) -> list[str]:
     return re.findall(r'<g id="value-label-[^"]*">\s*<text[^>]*>([^<]*)</text>', svg)
 
