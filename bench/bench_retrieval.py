@@ -117,7 +117,7 @@ def main() -> None:
             server.wait(timeout=10)
         lucene = pyserini_retriever(docs, work)
         if lucene is None:
-            console.print("pyserini: not installed (pip install 'sage-agents\\[pyserini]'), skipped")
+            console.print("pyserini: not installed (pip install -e '.\\[pyserini]'), skipped")
         else:
             for batch in (1, 64):
                 rows.append(("pyserini (Lucene)", batch, rate(lambda b: lucene.search(b, args.topk), queries, batch,

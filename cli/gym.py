@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from sage_cli.console import make_console
 
@@ -29,6 +31,14 @@ def envs() -> None:
     console.print(table)
 
 
+HUMAN_FEEDBACK = {  # an invalid turn, told to a person rather than to a model
+    "empty": "You typed nothing. That still counts as a turn.",
+    "unparseable": "Type one command, without tags. That still counts as a turn.",
+    "schema_violation": "{action!r} is not a command this game knows; nothing happened, but the turn counts. "
+                        "Type help to see the commands.",
+}
+
+
 def play(
     env: str = typer.Option("alfworld-unseen", help="Env id (see `sage envs`)."),
     episode: Optional[str] = typer.Option(None, help="Episode id; default: chosen by --seed."),
@@ -37,38 +47,64 @@ def play(
     max_turns: Optional[int] = typer.Option(None, help="Override the env's turn cap."),
     data_dir: Optional[Path] = typer.Option(None, help="Data folder (ALFWorld: holds json_2.1.1/)."),
 ) -> None:
-    """Play an episode in the terminal: observation, admissible actions, validity and result."""
+    """Play an episode in the terminal: observation, admissible actions, validity and result.
+
+    As a human, `help` lists the commands and answering a numbered menu (ScienceWorld's ambiguous
+    commands) is free: neither costs a turn."""
     import sage_gym
     from sage_gym.agents import make_agent
 
     if agent not in ("human", "expert", "random"):
         raise typer.BadParameter(f"--agent must be human, expert or random, not {agent!r}")
-    kwargs = {k: v for k, v in {"max_turns": max_turns, "data_dir": data_dir}.items() if v is not None}
+    human = agent == "human"
+    cap = max_turns or sage_gym.spec(env).max_turns
+    # a human's free moves (menu answers) still step the env: each follows a paid turn, so 2x the cap suffices
+    kwargs = {k: v for k, v in {"max_turns": 2 * cap if human else cap, "data_dir": data_dir}.items() if v is not None}
     game = sage_gym.make(env, **kwargs)
     try:
         obs, info = game.reset(seed=seed, options={"episode_id": episode} if episode else None)
-        bot = None if agent == "human" else make_agent(agent) if agent == "expert" else make_agent(agent, seed=seed)
+        gold = info.get("golden_answers")
+        bot = None if human else make_agent(agent) if agent == "expert" else make_agent(agent, seed=seed)
         if bot:
             bot.reset(game, info)
-        console.print(Panel(obs, title=f"{env} · {info['episode_id']}", subtitle=f"task type: {info['task_type']}"))
+        console.print(Panel(Text(obs), title=escape(f"{env} · {info['episode_id']}"),
+                            subtitle=escape(f"task type: {info['task_type']}")))
+        if info["task"] and info["task"] not in obs:  # ScienceWorld's first observation does not state the task
+            console.print(Text(f"Task: {info['task']}", style="bold"))
         terminated = truncated = quit_ = False
+        used, menu = 0, False  # turns that count; whether the game awaits an answer to a numbered menu
         while not (terminated or truncated):
             _show_actions(game)
+            free = False
             if bot:
                 response = bot.act(game, info)
             else:
-                typed = typer.prompt(f"turn {info['turn'] + 1}/{info['max_turns']} action (or 'quit')")
-                if typed.strip() == "quit":
+                typed = typer.prompt(f"turn {used + 1}/{cap} command (help, quit)").strip()
+                if typed == "quit":
                     quit_ = True
                     break
+                if typed == "help":
+                    console.print(Panel(Text(game.unwrapped.rules), title="commands (help costs no turn)"))
+                    continue
+                free = menu and typed.isdigit()  # answering the game's numbered menu
                 response = typed if "<action>" in typed else game.unwrapped.formatter.format_action(typed)
             obs, reward, terminated, truncated, info = game.step(response)
+            used += not free
+            if info["action_valid"]:  # an invalid turn never reached the game: a pending menu still waits
+                menu = bool(info.get("ambiguous"))
+            if human and used >= cap and not terminated:
+                truncated = True
             valid = "[green]valid[/]" if info["action_valid"] else f"[red]invalid: {info['invalid_reason']}[/]"
-            console.print(f"[bold]> {info['parsed_action'] or response.strip()}[/]  ({valid}, reward {reward:g})")
-            console.print(Panel(obs, title=f"turn {info['turn']}/{info['max_turns']}"))
+            console.print(f"[bold]> {escape(info['parsed_action'] or response.strip())}[/]  ({valid}, reward {reward:g}"
+                          + (", menu answer: no turn used" if free else "") + ")")
+            if human and not info["action_valid"]:
+                obs = HUMAN_FEEDBACK[info["invalid_reason"]].format(action=info["parsed_action"])
+            console.print(Panel(Text(obs), title=f"turn {used}/{cap}"))
         outcome = "[green]won[/]" if info["won"] else "[red]not won[/]"
-        ended = "quit" if quit_ else "terminated" if terminated else "truncated"
-        console.print(f"Result: {outcome}, score {info['score']:g}, {info['turn']} turns ({ended}).")
+        ended = "quit" if quit_ else "terminated" if terminated else "turn cap reached"
+        console.print(f"Result: {outcome}, score {info['score']:g}, {used} turns ({ended}).")
+        if gold:
+            console.print(Text(f"Gold answer{'s' if len(gold) > 1 else ''}: {' | '.join(gold)}"))
     finally:
         game.close()
 
@@ -76,7 +112,7 @@ def play(
 def _show_actions(game) -> None:
     actions = game.unwrapped.admissible_actions()
     shown = ", ".join(actions[:40]) + (f", ... ({len(actions)} in all)" if len(actions) > 40 else "")
-    console.print(f"[dim]admissible: {shown}[/]")
+    console.print(Text(f"admissible: {shown}", style="dim"))
 
 
 @data_app.command("fetch")

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
-import typer
-from rich.console import Console
-from rich.markup import escape
+# OpenMP threads that sleep while they wait instead of spinning: on a CPU shared with other jobs,
+# spinning threads made generation 5x slower (bench/bench_omp_wait.py). Set before torch loads;
+# an explicit OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from sage_gym.errors import SageError
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
+
+from sage_gym.errors import SageError  # noqa: E402
 
 app = typer.Typer(help="SAGE: multi-turn text-agent gym, evaluation service and SAGE-OPD trainer.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -17,7 +23,7 @@ console = Console(stderr=True)
 
 def main() -> None:
     """Entry point of the console script: user errors print one clear line, not a traceback, and exit
-    non-zero (2, or the error's own ``exit_code``, e.g. 3 for a run whose episodes errored)."""
+    non-zero (2, or the error's own ``exit_code``: 3 for a run whose episodes errored, 130 after Ctrl-C)."""
     try:
         app()
     except SageError as err:

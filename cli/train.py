@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
+
+
+def _step_text(m: dict) -> str:
+    """The numbers of one step, for the progress bar and for plain log lines."""
+    parts = [f"loss {m['loss']:.4f}"]
+    for key, label in (("kl", "kl"), ("intervention_rate", "int"), ("rollout_success", "succ"),
+                       ("eval/seen/success", "seen"), ("eval/unseen/success", "unseen")):
+        if m.get(key) is not None:
+            parts.append(f"{label} {m[key]:.3f}")
+    return " ".join(parts)
 
 
 def train(
@@ -25,20 +36,23 @@ def train(
     if not trainer.dist.main:
         trainer.train()
         return
+    out = Path(cfg.log.out_dir)
     console.print(f"[bold]{cfg.algorithm}[/] student {cfg.student.path} teacher {cfg.teacher.path} on "
-                  f"{cfg.rollout.env_id} -> {cfg.log.out_dir} (world size {trainer.dist.world})")
-    progress = Progress(TextColumn("[bold blue]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=console)
+                  f"{cfg.rollout.env_id} -> {out} (world size {trainer.dist.world})", highlight=False, soft_wrap=True)
+    if trainer.resumed_from is not None:
+        console.print(f"resuming from {trainer.resumed_from} (step {trainer.step} of {cfg.optim.steps}); "
+                      f"metrics.jsonl keeps steps 1-{trainer.step}", highlight=False, soft_wrap=True)
+    if not (console.is_terminal and sys.stdout.isatty()):  # piped or redirected: one plain line per step
+        def line(m: dict) -> None:
+            print(f"step {m['step']}/{cfg.optim.steps} {_step_text(m)} ({m['time/step']:.1f}s)", flush=True)
 
-    def show(m: dict) -> None:
-        parts = [f"loss {m['loss']:.4f}"]
-        for key, label in (("kl", "kl"), ("intervention_rate", "int"), ("rollout_success", "succ")):
-            if m.get(key) is not None:
-                parts.append(f"{label} {m[key]:.3f}")
-        progress.update(task, completed=m["step"] + 1, status=" ".join(parts))
-
-    with progress:
-        task = progress.add_task("train", total=cfg.optim.steps, completed=trainer.step, status="")
-        trainer.train(on_step=show)
-    console.print(f"done: metrics in {Path(cfg.log.out_dir) / 'metrics.jsonl'}, checkpoints in "
-                  f"{Path(cfg.log.out_dir) / 'checkpoints'}")
+        trainer.train(on_step=line)
+    else:
+        progress = Progress(TextColumn("[bold blue]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=console)
+        with progress:
+            task = progress.add_task("train", total=cfg.optim.steps, completed=trainer.step, status="")
+            trainer.train(on_step=lambda m: progress.update(task, completed=m["step"], status=_step_text(m)))
+    console.print(f"done: metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}"
+                  + (f", evaluations in {out / 'evals'}" if (out / "evals").is_dir() else "")
+                  + f"; curves: sage report {out}", highlight=False, soft_wrap=True)

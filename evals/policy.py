@@ -8,7 +8,14 @@ A policy maps a batch of chat conversations to one response each. Backends (``hf
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Callable, Protocol
+
+# Why a generation ended. STOP: a stop string; EOS: the model's end-of-sequence token; LENGTH: the
+# max_new_tokens limit; CONTEXT: the model's context window filled up; PROMPT_TOO_LONG: the prompt
+# alone leaves no room in the context, so nothing was generated.
+STOP, EOS, LENGTH, CONTEXT, PROMPT_TOO_LONG = "stop", "eos", "length", "context", "prompt_too_long"
+FINISH_REASONS = (STOP, EOS, LENGTH, CONTEXT)
+CUT = (LENGTH, CONTEXT)  # the response was cut by a token limit, not ended by the model
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ class Generation:
     text: str
     prompt_ids: list[int] | None = None
     token_ids: list[int] | None = None
-    finish_reason: str = "stop"  # stop | length
+    finish_reason: str = STOP  # one of FINISH_REASONS, or PROMPT_TOO_LONG
     # token counts for backends without ids (an HTTP endpoint's usage); None: use the id lists
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -47,18 +54,29 @@ class Generation:
         return self.completion_tokens if self.completion_tokens is not None else len(self.token_ids or ())
 
 
+def new_token_budget(prompt_tokens: int, max_new_tokens: int, context: int | None) -> tuple[int, str]:
+    """How many tokens a generation may add and the finish reason when it uses them all: ``max_new_tokens``
+    (LENGTH) unless the context window leaves fewer (CONTEXT). A budget below 1: the prompt does not fit."""
+    if context is None or prompt_tokens + max_new_tokens <= context:
+        return max_new_tokens, LENGTH
+    return context - prompt_tokens, CONTEXT
+
+
 class Policy(Protocol):
     """What the runner and the trainer need from a model backend."""
 
     name: str
 
     def generate(self, conversations: list[list[dict[str, str]]], decoding: Decoding,
-                 stop: list[str], seeds: list[int] | None = None) -> list[Generation]:
-        """One response per conversation; generation halts at any ``stop`` string.
+                 stop: list[str], seeds: list[int] | None = None,
+                 on_tokens: Callable[[int], None] | None = None) -> list[Generation]:
+        """One response per conversation; generation halts at any ``stop`` string and never runs
+        past the model's context window (``finish_reason`` says why each one ended).
 
         ``seeds`` (optional, one per conversation) seed each row's sampling on its own, so a
         response does not depend on which other conversations share the batch; without it
-        ``decoding.seed`` seeds the call."""
+        ``decoding.seed`` seeds the call. ``on_tokens`` (optional) is called with the number of
+        tokens just generated while the call runs, for progress displays."""
         ...
 
     def close(self) -> None: ...

@@ -17,9 +17,14 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from sage_evals.policy import CUT
 from sage_gym.formatting import INVALID_REASONS
 from sage_gym.procs import fixed_hash_seed
 from sage_gym.registry import EnvSpec
+
+# why an episode ended: the game ended it, the turn cap, the model's context window was full
+# (the next prompt left no room to generate), or it kept failing (an error line)
+TERMINATED, TURN_CAP, CONTEXT_LIMIT, ERROR = "terminated", "turn_cap", "context_limit", "error"
 
 
 def build_env(spec: EnvSpec, env_kwargs: dict[str, Any], env_server: str | None = None):
@@ -42,12 +47,15 @@ class Episode:
         self.record: dict[str, Any] = {
             "episode_id": episode_id, "seed": seed, "env_id": env.unwrapped.env_id,
             "task": info.get("task", ""), "task_type": info.get("task_type", ""), "success": False, "score": 0.0, "metrics": {},
-            "turns": 0, "terminated": False, "truncated": False,
-            "invalid_turns": dict.fromkeys(INVALID_REASONS, 0),
+            "turns": 0, "terminated": False, "truncated": False, "end_reason": None,
+            "invalid_turns": dict.fromkeys(INVALID_REASONS, 0), "finish_reasons": {},
+            "cut_invalid_turns": dict.fromkeys(INVALID_REASONS, 0),
             "prompt_tokens": 0, "completion_tokens": 0, "seconds": 0.0, "gen_seconds": 0.0, "env_seconds": 0.0,
             "error": None, "messages": [], "steps": []}
 
-    def step(self, response: str, prompt_tokens: int = 0, completion_tokens: int = 0, gen_seconds: float = 0.0) -> None:
+    def step(self, response: str, prompt_tokens: int = 0, completion_tokens: int = 0, gen_seconds: float = 0.0,
+             finish_reason: str | None = None) -> None:
+        """One turn; ``finish_reason`` says why the model's generation ended (None for scripted agents)."""
         t = time.perf_counter()
         obs, reward, terminated, truncated, info = self.env.step(response)
         self.env_seconds += time.perf_counter() - t
@@ -57,17 +65,28 @@ class Episode:
         r["gen_seconds"] += gen_seconds
         if info["invalid_reason"]:
             r["invalid_turns"][info["invalid_reason"]] += 1
+        if finish_reason is not None:
+            r["finish_reasons"][finish_reason] = r["finish_reasons"].get(finish_reason, 0) + 1
+            if info["invalid_reason"] and finish_reason in CUT:  # cut by a token limit, not a model's choice
+                r["cut_invalid_turns"][info["invalid_reason"]] += 1
         step = {"turn": info["turn"], "response": info["messages"][-2]["content"], "action": info["action"],
                 "action_valid": info["action_valid"], "invalid_reason": info["invalid_reason"],
-                "observation": obs, "reward": reward, "score": info["score"]}
+                "finish_reason": finish_reason, "observation": obs, "reward": reward, "score": info["score"]}
         if "expert" in self.info:  # envs made with expert_labels=True: what the expert would have done here
             step["expert"] = self.info["expert"]
         r["steps"].append(step)
         self.info, self.done = info, terminated or truncated
         if self.done:
-            r.update(success=bool(info["won"]), score=float(info["score"]), metrics=dict(info.get("metrics") or {}),
-                     turns=info["turn"], terminated=terminated, truncated=truncated, messages=info["messages"],
-                     env_seconds=self.env_seconds, seconds=time.perf_counter() - self.t0)
+            self.end(TERMINATED if terminated else TURN_CAP)
+
+    def end(self, reason: str) -> None:
+        """Close the record: the game or the turn cap ended the episode, or (``CONTEXT_LIMIT``) the runner did
+        because the model's next prompt no longer fits its context window (counted as truncated)."""
+        info, self.done = self.info, True
+        self.record.update(success=bool(info["won"]), score=float(info["score"]),
+                           metrics=dict(info.get("metrics") or {}), turns=info["turn"], terminated=reason == TERMINATED,
+                           truncated=reason != TERMINATED, end_reason=reason, messages=info["messages"],
+                           env_seconds=self.env_seconds, seconds=time.perf_counter() - self.t0)
 
 
 def _play(env, episode_id: str, seed: int, agent_name: str, agent_kwargs: dict) -> dict:
@@ -87,8 +106,9 @@ def _play(env, episode_id: str, seed: int, agent_name: str, agent_kwargs: dict) 
 
 
 def worker_main(conn: Connection, spec: EnvSpec, env_kwargs: dict, env_server: str | None) -> None:
-    """Worker loop. Messages: ("reset", ep, seed) -> ("obs", messages); ("step", response, p, c, s) ->
-    ("obs", messages) or ("done", record); ("play", ep, seed, agent, kwargs) -> ("done", record)."""
+    """Worker loop. Messages: ("reset", ep, seed) -> ("obs", messages); ("step", response, p, c, s, finish) ->
+    ("obs", messages) or ("done", record); ("end", reason) -> ("done", record);
+    ("play", ep, seed, agent, kwargs) -> ("done", record)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # runs the finally below
     env = None
@@ -117,6 +137,9 @@ def worker_main(conn: Connection, spec: EnvSpec, env_kwargs: dict, env_server: s
                 elif msg[0] == "step":
                     episode.step(*msg[1:])
                     conn.send(("done", episode.record) if episode.done else ("obs", episode.info["messages"]))
+                elif msg[0] == "end":
+                    episode.end(msg[1])
+                    conn.send(("done", episode.record))
                 elif msg[0] == "play":
                     conn.send(("done", _play(env, *msg[1:])))
                 elif msg[0] == "close":

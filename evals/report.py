@@ -1,91 +1,205 @@
-"""`sage report`: one static, self-contained HTML page (no server, no external URLs) with the
-leaderboard, the settings of each run, plots of success per task type and per seed (inline SVG)
-and a trajectory viewer (vanilla JS over embedded JSON)."""
+"""`sage report`: one static, self-contained HTML page (no server, no external URLs).
+
+Runs are grouped by what makes them comparable (env, panel, turn cap); each group has its
+leaderboard, a paired-comparison table against a baseline run (SPEC section 6 tests, overall and
+per task type), and plots: success per task type with interval bars, success per seed, invalid
+turns by cause and the distribution of turns per episode. `sage train` output folders add their
+learning curves. A trajectory viewer (vanilla JS over embedded JSON) closes the page.
+"""
 
 from __future__ import annotations
 
 import html
-import io
 import json
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sage_evals.leaderboard import COLUMNS, Row, Run, leaderboard, row_cells
+from sage_evals import plots
+from sage_evals.leaderboard import (COLUMNS, COMPARE_COLUMNS, Comparison, Row, Run, RunFormatError, comparable_key,
+                                    compare, comparison_cells, find_runs, incomparable, leaderboard, row_cells)
+from sage_evals.report_page import TEMPLATE
+from sage_evals.summary import CUT_CAUSE, turn_counts
+from sage_gym.errors import SageError
+from sage_gym.formatting import INVALID_REASONS
 
 MAX_TEXT_CHARS = 20_000  # longest message/response/observation kept in the viewer
 
 
-def _svg(fig) -> str:
-    """A matplotlib figure as an inline <svg> element (text kept as text, no XML prolog)."""
-    import matplotlib.pyplot as plt
+# ---- sources: evaluation runs and `sage train` folders ----------------------------------------
+@dataclass
+class Training:
+    """A `sage train` output folder: its config and the metrics logged per step."""
 
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
-    plt.close(fig)
-    svg = buf.getvalue()
-    return svg[svg.index("<svg"):]
-
-
-def _plots(env_id: str, runs: list[Run], rows: dict[str, Row]) -> str:
-    """Success per task type and per seed for the runs of one env, as two inline SVGs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    matplotlib.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "sage", "font.size": 9})
-    width = 0.8 / max(1, len(runs))
-
-    types = sorted({t for r in runs for t in rows[r.name].per_task_type})
-    fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.22 * len(types) * len(runs)))
-    y = np.arange(len(types))
-    for i, run in enumerate(runs):
-        per = rows[run.name].per_task_type
-        values = [100 * per[t]["success"] if t in per else 0 for t in types]
-        ax.barh(y + (i - (len(runs) - 1) / 2) * width, values, height=width, label=run.name)
-    ax.set_yticks(y, [f"{t} (n={max((rows[r.name].per_task_type.get(t, {}).get('n', 0) for r in runs))})" for t in types])
-    ax.invert_yaxis()
-    ax.set_xlim(0, 100)
-    ax.set_xlabel("success (%)")
-    ax.set_title(f"{env_id}: success per task type")
-    ax.legend(fontsize=7, loc="lower right")
-    by_type = _svg(fig)
-
-    seeds = sorted({s for r in runs for s in rows[r.name].per_seed})
-    labels = [f"seed {s}" for s in seeds] + ["mean ± 95% CI"]
-    fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    x = np.arange(len(labels))
-    for i, run in enumerate(runs):
-        row = rows[run.name]
-        offset = (i - (len(runs) - 1) / 2) * width
-        bars = ax.bar(x[:-1] + offset, [100 * row.per_seed.get(s, np.nan) for s in seeds], width=width, label=run.name)
-        err = None
-        if row.success_ci95:
-            # an interval end that rounds past the mean is a zero-length bar, never a negative one
-            err = [[100 * max(0.0, row.success_mean - row.success_ci95[0])],
-                   [100 * max(0.0, row.success_ci95[1] - row.success_mean)]]
-        ax.bar(x[-1:] + offset, [100 * row.success_mean], width=width, yerr=err, capsize=3,
-               color=bars.patches[0].get_facecolor() if bars.patches else None)
-    ax.set_xticks(x, labels)
-    ax.set_ylim(0, 100)
-    ax.set_ylabel("success (%)")
-    ax.set_title(f"{env_id}: success per seed")
-    ax.legend(fontsize=7)
-    by_seed = _svg(fig)
-    return f'<div class="plots"><figure>{by_type}</figure><figure>{by_seed}</figure></div>'
+    path: Path
+    name: str
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
 
 
+def load_training(path: Path, name: str | None = None) -> Training:
+    """Read ``metrics.jsonl`` (a torn last line is skipped) and ``config.yaml`` of a training folder."""
+    import yaml
+
+    lines = (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    metrics = []
+    for i, line in enumerate(lines):
+        try:
+            metrics.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise RunFormatError(f"{path / 'metrics.jsonl'}:{i + 1} is not valid JSON") from None
+    config_file = path / "config.yaml"
+    config = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    return Training(path, name or path.name, config or {}, metrics)
+
+
+def load_sources(paths: list[str | Path]) -> tuple[list[Run], list[Training]]:
+    """Evaluation runs and training folders under ``paths`` (a training folder holds ``metrics.jsonl``;
+    the evaluations it ran during training, under ``evals/``, are runs like any other)."""
+    runs: list[Run] = []
+    trainings: list[Training] = []
+    for p in map(Path, paths):
+        found = sorted(f.parent for f in p.rglob("metrics.jsonl")) if p.is_dir() else []
+        trainings += [load_training(f, f.relative_to(p).as_posix() if f != p else p.name) for f in found]
+        if found and not any(p.rglob("run.json")):
+            continue  # a training folder that has not evaluated yet
+        runs += find_runs([p])
+    return runs, trainings
+
+
+# ---- tables --------------------------------------------------------------------------------------
+def _table(cls: str, header: list[str] | tuple[str, ...], rows: list[list[str]], row_classes: list[str] = ()) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    classes = list(row_classes) + [""] * (len(rows) - len(row_classes))
+    body = "".join(f'<tr class="{c}">' + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>"
+                   for r, c in zip(rows, classes))
+    return f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+SETTINGS = ("model", "model_kind", "env_id", "seeds", "decoding", "max_turns", "history_window", "max_context",
+            "prompt", "panel_sha256", "limit", "sage_version", "git_commit", "created")
+
+
+def _settings_table(runs: list[Run], labels: dict[str, str]) -> str:
+    rows = []
+    for run in runs:
+        cells = [labels[run.name], run.name]
+        for key in SETTINGS:
+            value = run.settings.get(key, "")
+            if key == "decoding" and run.scripted:
+                value = "– (scripted agent)"
+            elif key == "decoding" and isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items())
+            elif key == "prompt" and isinstance(value, dict):
+                value = ", ".join(x for x in (f"{value.get('fewshot')}-shot" if value.get("fewshot") else "",
+                                              "own system prompt" if value.get("system_prompt") else "") if x)
+            elif key == "panel_sha256" and isinstance(value, str):
+                value = value[:12]
+            elif isinstance(value, (list, dict)):
+                value = json.dumps(value)
+            cells.append("" if value is None else str(value))
+        rows.append(cells)
+    return _table("settings", ("label", "run", *SETTINGS), rows)
+
+
+def _comparisons(base: Run, others: list[Run], labels: dict[str, str]) -> str:
+    """The paired-comparison tables of ``others`` against ``base``: overall, then per task type."""
+    if not others:
+        return '<p class="muted">Only one run in this group: nothing to compare.</p>'
+    header = ["run (B)", *COMPARE_COLUMNS[1:], "flags"]
+    overall, per_type = [], []
+    for run in others:
+        try:
+            c: Comparison = compare(base, run)
+        except SageError as err:
+            overall.append([labels[run.name]] + [""] * (len(header) - 2) + [str(err)])
+            continue
+        flags = "; ".join(c.warnings + ([f"{c.only_a} baseline / {c.only_b} run episodes unpaired"]
+                                        if c.only_a or c.only_b else []))
+        overall.append([labels[run.name], *comparison_cells(c.results[0])[1:], flags])
+        per_type += [[labels[run.name], *comparison_cells(r)] for r in c.results[1:]]
+    out = f"<h4>Paired comparison: each run (B) against the baseline {html.escape(labels[base.name])} (A)</h4>"
+    out += _table("compare", header, overall, ["flag" if r[-1] else "" for r in overall])
+    if per_type:
+        out += ("<details><summary>Per task type</summary>"
+                + _table("compare", ["run (B)", "task type", *COMPARE_COLUMNS[1:]], per_type) + "</details>")
+    return out
+
+
+# ---- plots ----------------------------------------------------------------------------------------
+def _group_plots(group: list[Run], rows: dict[str, Row], labels: dict[str, str], title: str) -> str:
+    if not any(r.episodes for r in group):
+        return '<p class="muted">No episodes yet.</p>'
+    live = [r for r in group if r.episodes]
+    types = sorted({t for r in live for t in rows[r.name].per_task_type})
+
+    def per_type(r: Run, key: str) -> list:
+        row, per = rows[r.name], rows[r.name].per_task_type
+        overall = {"success": row.success_mean, "success_ci95": row.success_ci95}[key]
+        return [overall] + [per[t][key] if t in per else None for t in types]
+
+    games = {t: max(rows[r.name].per_task_type.get(t, {}).get("games", 0) for r in live) for t in types}
+    categories = [f"all ({max(rows[r.name].games for r in live)} games)"] + [f"{t} ({games[t]})" for t in types]
+    series = []
+    for r in live:
+        cis = per_type(r, "success_ci95")
+        series.append(plots.Series(labels[r.name], per_type(r, "success"), [c[0] if c else None for c in cis],
+                                   [c[1] if c else None for c in cis]))
+    figures = [plots.bars(f"{title}: success per task type (95% interval over games)", categories, series)]
+    seeds = sorted({s for r in live for s in rows[r.name].per_seed})
+    figures.append(plots.bars(f"{title}: success per seed", [f"seed {s}" for s in seeds],
+                              [plots.Series(labels[r.name], [rows[r.name].per_seed.get(s) for s in seeds])
+                               for r in live]))
+    causes = (CUT_CAUSE, *INVALID_REASONS)
+    invalid = []
+    for r in live:
+        counts = turn_counts(r.episodes)["invalid_causes"]
+        turns = sum(int(e.get("turns", 0)) for e in r.episodes)
+        invalid.append(plots.Series(labels[r.name], [counts.get(c, 0) / turns if turns else 0.0 for c in causes]))
+    figures.append(plots.bars(f"{title}: invalid turns by cause (share of turns)",
+                              ["cut at the token limit", "empty", "unparseable (no action)", "schema violation"],
+                              invalid, axis_label="turns (%)", full_scale=False))
+    figures.append(plots.turns_distribution(f"{title}: turns per episode",
+                                            {labels[r.name]: [int(e.get("turns", 0)) for e in r.episodes] for r in live},
+                                            max(int(r.settings.get("max_turns") or 0) for r in live)))
+    return '<div class="plots">' + "".join(f"<figure>{f}</figure>" for f in figures) + "</div>"
+
+
+def _training_section(trainings: list[Training]) -> str:
+    if not trainings:
+        return ""
+    out = ["<h2>Training</h2>"]
+    for t in trainings:
+        cfg, m = t.config, t.metrics
+
+        def line(key: str) -> list[tuple[int, float]]:
+            return [(int(x["step"]), float(x[key])) for x in m if isinstance(x.get(key), (int, float))]
+
+        panels = {"loss": {"loss": line("loss")}, "mean token KL": {"kl": line("kl")},
+                  "intervention rate": {"rate": line("intervention_rate")},
+                  "rollout success": {"success": line("rollout_success")},
+                  "eval success": {"seen": line("eval/seen/success"), "unseen": line("eval/unseen/success")}}
+        about = (f"{cfg.get('algorithm', '?')}: student {(cfg.get('student') or {}).get('path', '?')}, teacher "
+                 f"{(cfg.get('teacher') or {}).get('path', '?')}, env {(cfg.get('rollout') or {}).get('env_id', '?')}, "
+                 f"{len(m)} steps logged")
+        out.append(f"<h3>{html.escape(t.name)}</h3><p class='muted'>{html.escape(about)}; step N = after N optimiser "
+                   "steps (checkpoints/step-N, evals/step-N)</p>")
+        out.append('<div class="plots"><figure>' + plots.curves(t.name, panels) + "</figure></div>")
+    return "".join(out)
+
+
+# ---- the page -------------------------------------------------------------------------------------
 def _cap(text: Any) -> Any:
     if isinstance(text, str) and len(text) > MAX_TEXT_CHARS:
         return text[:MAX_TEXT_CHARS] + f"\n… [{len(text) - MAX_TEXT_CHARS} more characters not embedded]"
     return text
 
 
-def _trajectories(run: Run, max_episodes: int) -> dict[str, Any]:
+def _trajectories(run: Run, label: str, max_episodes: int) -> dict[str, Any]:
     """The viewer's data for one run: its first ``max_episodes`` episodes in (seed, panel) order."""
     order = {e: i for i, e in enumerate(run.settings.get("panel") or [])}
     episodes = sorted(run.episodes, key=lambda e: (int(e["seed"]), order.get(e["episode_id"], len(order)), e["episode_id"]))
@@ -94,198 +208,83 @@ def _trajectories(run: Run, max_episodes: int) -> dict[str, Any]:
         shown.append({
             "episode_id": e["episode_id"], "seed": int(e["seed"]), "task_type": e.get("task_type", ""),
             "success": bool(e["success"]), "score": float(e["score"]), "turns": e.get("turns"),
-            "terminated": e.get("terminated"), "truncated": e.get("truncated"), "error": e.get("error"),
-            "invalid_turns": e.get("invalid_turns") or {},
+            "terminated": e.get("terminated"), "truncated": e.get("truncated"), "end_reason": e.get("end_reason"),
+            "error": e.get("error"), "invalid_turns": e.get("invalid_turns") or {},
             "messages": [{"role": m.get("role", "?"), "content": _cap(m.get("content", ""))} for m in e.get("messages") or []],
             "steps": [{k: _cap(v) for k, v in s.items()} for s in e.get("steps") or []],
         })
-    return {"name": run.name, "model": run.model, "env_id": run.env_id, "total": len(run.episodes), "episodes": shown}
+    return {"name": run.name, "label": label, "model": run.model, "env_id": run.env_id, "total": len(run.episodes),
+            "episodes": shown}
 
 
-SETTINGS = ("model", "model_kind", "env_id", "seeds", "decoding", "max_turns", "history_window", "panel_sha256",
-            "limit", "sage_version", "git_commit", "created")
+def _find_baseline(runs: list[Run], baseline: str | None) -> Run | None:
+    if baseline is None:
+        return None
+    for r in runs:
+        if baseline in (r.name, str(r.path)) or Path(baseline).resolve() == r.path.resolve():
+            return r
+    raise SageError(f"--baseline {baseline!r} is none of the runs in the report: "
+                    + ", ".join(r.name for r in runs))
 
 
-def _settings_table(runs: list[Run]) -> str:
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in ("run", *SETTINGS))
-    body = []
-    for run in runs:
-        cells = [run.name]
-        for key in SETTINGS:
-            value = run.settings.get(key, "")
-            if key == "panel_sha256" and isinstance(value, str):
-                value = value[:12]
-            elif key == "decoding" and isinstance(value, dict):
-                value = ", ".join(f"{k}={v}" for k, v in value.items())
-            elif isinstance(value, (list, dict)):
-                value = json.dumps(value)
-            cells.append("" if value is None else str(value))
-        body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    return f'<table class="settings"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+def _group_title(group: list[Run]) -> str:
+    s = group[0].settings
+    limit = f" (--limit {s['limit']})" if s.get("limit") else ""
+    return (f"{group[0].env_id} · {len(s.get('panel') or [])} games{limit} · turn cap {s.get('max_turns')} · "
+            f"panel {str(s.get('panel_sha256', ''))[:8]}")
 
 
-def _leaderboard_table(rows: list[Row]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row_cells(r)) + "</tr>" for r in rows)
-    return f'<table class="leaderboard"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def render_report(runs: list[Run], max_trajectories: int = 200, title: str = "SAGE evaluation report") -> str:
-    """The whole report page as one HTML string."""
+def render_report(runs: list[Run], max_trajectories: int = 200, title: str = "SAGE evaluation report",
+                  baseline: str | None = None, trainings: list[Training] = ()) -> str:
+    """The whole report page as one HTML string. ``baseline`` names the run the others of its group are
+    compared with (default: each group's first run); runs of other groups are listed as not comparable."""
     from sage_gym import __version__
 
-    if not runs:
-        raise ValueError("render_report needs at least one run")
+    if not runs and not trainings:
+        raise ValueError("render_report needs at least one run or training folder")
     rows = leaderboard(runs)
     by_name = {r.run: r for r in rows}
-    by_env: dict[str, list[Run]] = defaultdict(list)
+    labels = {r.run: r.label for r in rows}
+    base = _find_baseline(runs, baseline)
+    groups: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
-        by_env[run.env_id].append(run)
-    plots = "".join(f"<h3>{html.escape(env)}</h3>{_plots(env, rs, by_name)}" for env, rs in sorted(by_env.items())
-                    if any(r.episodes for r in rs))
-    data = [_trajectories(r, max_trajectories) for r in runs]
+        groups[comparable_key(run)].append(run)
+    sections = []
+    # the baseline's group first, then the others as found
+    for group in sorted(groups.values(), key=lambda g: not any(r is base for r in g)):
+        ordered = sorted(group, key=lambda r: [x.run for x in rows].index(r.name))
+        head = base if any(r is base for r in group) else (None if base is not None else group[0])
+        table_rows = [by_name[r.name] for r in ordered]
+        part = [f'<section class="group"><h3>{html.escape(_group_title(group))}</h3>',
+                _table("leaderboard", COLUMNS, [row_cells(r) for r in table_rows],
+                       ["base" if head is not None and r.run == head.name else "" for r in table_rows])]
+        if head is not None:
+            part.append(_comparisons(head, [r for r in ordered if r is not head], labels))
+        else:
+            why = "; ".join(f"{labels[r.name]}: " + ", ".join(incomparable(base, r)) for r in ordered)
+            part.append(f'<p class="muted">Not comparable with the baseline {html.escape(labels[base.name])}: '
+                        f"{html.escape(why)}</p>")
+        part.append(_group_plots(ordered, by_name, labels, group[0].env_id))
+        sections.append("".join(part) + "</section>")
+    data = [_trajectories(r, labels[r.name], max_trajectories) for r in runs]
     # "<" is escaped so that no text can close the script element
     payload = json.dumps(data, ensure_ascii=False).replace("<", "\\u003c")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    parts = {"title": html.escape(title), "meta": html.escape(f"{len(runs)} runs · generated {stamp} by sage {__version__}"),
-             "leaderboard": _leaderboard_table(rows), "settings": _settings_table(runs),
-             "plots": plots or "<p>No episodes yet.</p>", "data": payload}
+    parts = {"title": html.escape(title),
+             "meta": html.escape(f"{len(runs)} runs · {len(trainings)} training runs · generated {stamp} by sage "
+                                 f"{__version__}"),
+             "groups": "".join(sections) or "<p>No evaluation runs.</p>", "training": _training_section(trainings),
+             "settings": _settings_table(runs, labels), "data": payload}
     return re.sub(r"\{\{(\w+)\}\}", lambda m: parts[m.group(1)], TEMPLATE)
 
 
-def write_report(runs: list[Run], out: str | Path, max_trajectories: int = 200) -> Path:
+def write_report(runs: list[Run], out: str | Path, max_trajectories: int = 200, baseline: str | None = None,
+                 trainings: list[Training] = ()) -> Path:
     """Write the report page to ``out`` (parent folders are created)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_report(runs, max_trajectories), encoding="utf-8")
+    out.write_text(render_report(runs, max_trajectories, baseline=baseline, trainings=trainings), encoding="utf-8")
     return out
 
 
 EXTERNAL_URL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']?\s*(?:https?:)?//|@import""", re.I)
-
-TEMPLATE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{{title}}</title>
-<style>
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
-header{background:#1d2b45;color:#fff;padding:14px 24px}header h1{margin:0;font-size:20px}header p{margin:2px 0 0;opacity:.8}
-main{padding:8px 24px 40px;max-width:1400px}h2{margin:26px 0 8px;font-size:17px}h3{margin:16px 0 4px;font-size:15px}
-table{border-collapse:collapse;background:#fff;font-size:13px;margin:4px 0}th,td{border:1px solid #dde1e8;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#eef1f6}.leaderboard td:nth-child(3),.leaderboard td:nth-child(5){font-weight:600}
-.scroll{overflow-x:auto}.plots{display:flex;flex-wrap:wrap;gap:12px}.plots figure{margin:0;background:#fff;border:1px solid #dde1e8;padding:6px}
-.plots svg{max-width:640px;height:auto}
-#controls{display:flex;flex-wrap:wrap;gap:10px;align-items:center;margin:6px 0 10px}#controls select{font-size:13px;padding:2px}
-#viewer{background:#fff;border:1px solid #dde1e8;padding:12px 16px}
-.badge{display:inline-block;border-radius:10px;padding:0 8px;font-size:12px;font-weight:600;color:#fff}
-.ok{background:#2e8540}.fail{background:#b3261e}.warn{background:#b26a00}
-.msg,.step{border-left:4px solid #c9d1de;margin:10px 0;padding:4px 10px;background:#fafbfc}
-.msg .role,.step .head{font-weight:600;font-size:12px;color:#516079;text-transform:uppercase;letter-spacing:.03em}
-.step.valid{border-left-color:#2e8540}.step.invalid{border-left-color:#b3261e;background:#fdf3f2}
-.action{font-family:ui-monospace,Menlo,Consolas,monospace;margin:4px 0}.step.invalid .action{color:#b3261e}
-pre{white-space:pre-wrap;word-break:break-word;margin:4px 0;font:12.5px/1.4 ui-monospace,Menlo,Consolas,monospace}
-.obs{color:#31405a}.muted{color:#6b778c;font-size:12px}details{margin:8px 0}summary{cursor:pointer;color:#34507f}
-</style></head>
-<body>
-<header><h1>{{title}}</h1><p>{{meta}}</p></header>
-<main>
-<h2>Leaderboard</h2>
-<p class="muted">Success, score and invalid rate in %. Success: mean ± std over seeds with a Student-t 95% interval (with one seed: over episodes, Wilson interval).</p>
-<div class="scroll">{{leaderboard}}</div>
-<h2>Runs</h2>
-<div class="scroll">{{settings}}</div>
-<h2>Plots</h2>
-{{plots}}
-<h2>Trajectories</h2>
-<div id="controls">
-<label>Run <select id="run"></select></label>
-<label>Show <select id="outcome"><option value="all">all</option><option value="success">successes</option>
-<option value="failure">failures</option><option value="invalid">with invalid turns</option></select></label>
-<label>Episode <select id="episode"></select></label>
-<span id="count" class="muted"></span>
-</div>
-<div id="viewer"><p class="muted">No trajectories.</p></div>
-</main>
-<script type="application/json" id="sage-data">{{data}}</script>
-<script>
-"use strict";
-const DATA = JSON.parse(document.getElementById("sage-data").textContent);
-const $ = (id) => document.getElementById(id);
-function el(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined && text !== null) e.textContent = String(text);
-  return e;
-}
-function nInvalid(ep) { return Object.values(ep.invalid_turns || {}).reduce((a, b) => a + b, 0); }
-function keep(ep) {
-  const f = $("outcome").value;
-  return f === "all" || (f === "success" && ep.success) || (f === "failure" && !ep.success) || (f === "invalid" && nInvalid(ep) > 0);
-}
-function fillEpisodes(selectId) {
-  const run = DATA[+$("run").value], sel = $("episode");
-  sel.innerHTML = "";
-  if (!run) return;
-  run.episodes.forEach((ep, i) => {
-    if (!keep(ep)) return;
-    const o = el("option", null, (ep.success ? "\\u2713 " : "\\u2717 ") + ep.episode_id + " (seed " + ep.seed + ")");
-    o.value = i;
-    sel.appendChild(o);
-  });
-  if (selectId !== undefined) sel.value = selectId;
-  $("count").textContent = sel.options.length + " shown · " + run.episodes.length + " of " + run.total + " episodes embedded";
-  show();
-}
-function show() {
-  const run = DATA[+$("run").value], v = $("viewer");
-  v.innerHTML = "";
-  const ep = run && run.episodes[+$("episode").value];
-  if (!ep || $("episode").options.length === 0) { v.appendChild(el("p", "muted", "No episode matches.")); return; }
-  v.dataset.episode = ep.episode_id;
-  v.dataset.seed = ep.seed;
-  const h = el("h3", null, ep.episode_id + " ");
-  h.appendChild(el("span", "badge " + (ep.success ? "ok" : "fail"), ep.success ? "success" : "failure"));
-  v.appendChild(h);
-  const inv = Object.entries(ep.invalid_turns || {}).filter(([, n]) => n > 0).map(([k, n]) => k + " " + n).join(", ");
-  v.appendChild(el("p", "muted", run.model + " · " + run.env_id + " · task type " + ep.task_type + " · seed " + ep.seed +
-    " · score " + ep.score + " · " + ep.turns + " turns (" + (ep.terminated ? "terminated" : ep.truncated ? "truncated" : "ended") +
-    ") · invalid turns: " + (inv || "none")));
-  if (ep.error) { const e = el("p", null); e.appendChild(el("span", "badge warn", "error")); e.appendChild(el("span", null, " " + ep.error)); v.appendChild(e); }
-  const msgs = ep.messages || [];
-  const sys = msgs.find((m) => m.role === "system");
-  if (sys) { const d = el("details"); d.appendChild(el("summary", null, "System prompt")); d.appendChild(el("pre", null, sys.content)); v.appendChild(d); }
-  const first = msgs.find((m) => m.role === "user");
-  if (first) { const m = el("div", "msg"); m.appendChild(el("div", "role", "task / first observation")); m.appendChild(el("pre", null, first.content)); v.appendChild(m); }
-  (ep.steps || []).forEach((s) => {
-    const d = el("div", "step " + (s.action_valid ? "valid" : "invalid"));
-    d.appendChild(el("div", "head", "turn " + s.turn + " · reward " + s.reward + " · score " + s.score));
-    d.appendChild(el("pre", "response", s.response));
-    d.appendChild(el("div", "action", s.action_valid ? "\\u2713 action: " + s.action : "\\u2717 invalid: " + s.invalid_reason));
-    d.appendChild(el("pre", "obs", s.observation));
-    v.appendChild(d);
-  });
-  const raw = el("details");
-  raw.appendChild(el("summary", null, "All messages (" + msgs.length + ")"));
-  msgs.forEach((m) => { const d = el("div", "msg"); d.appendChild(el("div", "role", m.role)); d.appendChild(el("pre", null, m.content)); raw.appendChild(d); });
-  v.appendChild(raw);
-}
-function init() {
-  DATA.forEach((r, i) => { const o = el("option", null, r.name + " (" + r.env_id + ")"); o.value = i; $("run").appendChild(o); });
-  const want = new URLSearchParams(location.hash.slice(1));
-  let runIdx = 0, epIdx;
-  if (want.has("run")) runIdx = Math.max(0, DATA.findIndex((r) => r.name === want.get("run")));
-  $("run").value = runIdx;
-  if (want.has("episode") && DATA[runIdx]) {
-    const i = DATA[runIdx].episodes.findIndex((e) => e.episode_id === want.get("episode") &&
-      (!want.has("seed") || String(e.seed) === want.get("seed")));
-    if (i >= 0) epIdx = i;
-  }
-  $("run").onchange = () => fillEpisodes();
-  $("outcome").onchange = () => fillEpisodes();
-  $("episode").onchange = show;
-  fillEpisodes(epIdx);
-}
-init();
-</script>
-</body></html>
-"""

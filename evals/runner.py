@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import subprocess
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, fields
@@ -18,9 +19,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from sage_evals.models import ScriptedAgent, load_policy, policy_kind, turn_seed
-from sage_evals.policy import Decoding, Policy
-from sage_evals.pool import EnvPool, WorkerFailed
+from sage_evals.models import SCRIPTED, ScriptedAgent, load_policy, policy_kind, turn_seed
+from sage_evals.policy import PROMPT_TOO_LONG, Decoding, Policy
+from sage_evals.prompting import PromptOptions
+from sage_evals.pool import CONTEXT_LIMIT, ERROR, EnvPool, WorkerFailed
 from sage_evals.summary import summarize
 from sage_gym.durable import (FolderLock, RunFileError, append_jsonl, atomic_write_json, read_json_object,
                               read_jsonl)
@@ -30,7 +32,7 @@ from sage_gym.formatting import INVALID_REASONS
 # settings that must match for a run folder to be resumed (env_kwargs compared as effective options;
 # panel_sha256 covers --limit)
 RESUME_KEYS = ("model", "model_kind", "env_id", "env_kwargs", "panel_sha256", "seeds", "decoding",
-               "max_turns", "history_window")
+               "max_turns", "history_window", "max_context", "prompt")
 MAX_ERROR_SHARE = 0.1  # `sage evaluate` exits non-zero when more than this share of episodes errored
 
 
@@ -46,6 +48,18 @@ class RunErrorsError(SageError):
     """A run that finished but whose episodes errored past the allowed share: its numbers measure nothing."""
 
     exit_code = 3
+
+
+class RunInterrupted(SageError):
+    """Ctrl-C during a run: what is saved, and how to resume (the CLI exits 130, as shells do for SIGINT)."""
+
+    exit_code = 130
+
+    def __init__(self, done: int, total: int, in_flight: int, folder: Path):
+        self.done, self.total, self.in_flight, self.folder = done, total, in_flight, folder
+        super().__init__(f"interrupted: {done} of {total} episodes are saved in {folder / 'episodes.jsonl'}"
+                         + (f" ({in_flight} in flight are redone on resume)" if in_flight else "")
+                         + "; rerun the same command (same settings and --out) to resume")
 
 
 @dataclass
@@ -137,7 +151,8 @@ def error_record(job: _Job, env_id: str, reason: str) -> dict:
     """The line of an episode that kept failing: recorded as a failure, never dropped."""
     return {"episode_id": job.episode_id, "seed": job.seed, "env_id": env_id, "task_type": "",
             "success": False, "score": 0.0, "metrics": {}, "turns": 0, "terminated": False, "truncated": False,
-            "invalid_turns": dict.fromkeys(INVALID_REASONS, 0), "prompt_tokens": 0, "completion_tokens": 0,
+            "end_reason": ERROR, "invalid_turns": dict.fromkeys(INVALID_REASONS, 0), "finish_reasons": {},
+            "cut_invalid_turns": dict.fromkeys(INVALID_REASONS, 0), "prompt_tokens": 0, "completion_tokens": 0,
             "seconds": 0.0, "gen_seconds": 0.0, "env_seconds": 0.0,
             "error": f"failed {job.attempt} times; last: {reason.strip()}", "error_cause": error_cause(reason),
             "messages": [], "steps": []}
@@ -157,15 +172,18 @@ class _Loop:
     """The episode loop over one pool; counts time spent waiting on workers (env_wait)."""
 
     def __init__(self, pool: EnvPool, policy: Policy | ScriptedAgent, decoding: Decoding, jobs: list[_Job],
-                 on_record, max_retries: int):
+                 on_record, max_retries: int, prompt: PromptOptions | None = None, progress: _Progress | None = None):
         self.pool, self.policy, self.decoding, self.on_record = pool, policy, decoding, on_record
         self.jobs, self.max_retries = deque(jobs), max_retries
+        self.prompt, self.progress = prompt or PromptOptions(), progress
         self.live: dict[int, _Job] = {}  # worker index -> its episode
         self.waiting: set[int] = set()  # workers we expect a reply from
         self.env_wait = self.gen_seconds = 0.0
         self.stop = pool.info["stop"]
         self.env_id = pool.spec.env_id
-        self.seeded = isinstance(policy, ScriptedAgent) or "seeds" in _params(policy.generate)
+        params = set() if isinstance(policy, ScriptedAgent) else _params(policy.generate)
+        self.seeded = isinstance(policy, ScriptedAgent) or "seeds" in params
+        self.streams = progress is not None and "on_tokens" in params  # live token counts while generating
 
     def run(self) -> None:
         scripted = isinstance(self.policy, ScriptedAgent)
@@ -173,6 +191,8 @@ class _Loop:
             for i in range(len(self.pool.workers)):
                 if i not in self.live and self.jobs:
                     self._start(i, self.jobs.popleft())
+            if self.progress:
+                self.progress.in_flight = len(self.live)
             ready = self._collect(all_of_them=not scripted)
             if ready:
                 self._generate(ready)
@@ -212,8 +232,7 @@ class _Loop:
                     self.live[i].messages = payload
                     ready.append(i)
                 elif kind == "done":
-                    self.live.pop(i)
-                    self.on_record(payload)
+                    self._record(payload, self.live.pop(i))
                 else:  # "error": the env raised; its traceback is the reason
                     self._failed(i, payload)
             if not all_of_them and not ready:
@@ -228,24 +247,40 @@ class _Loop:
         self.pool.restart(i)
         job.attempt += 1
         if job.attempt > self.max_retries:
-            self.on_record(error_record(job, self.env_id, reason))
+            self._record(error_record(job, self.env_id, reason), job)
         else:
+            if self.progress:
+                self.progress.forget(job.turn)
             self.jobs.appendleft(job)
+
+    def _record(self, record: dict, job: _Job) -> None:
+        self.on_record(record)
+        if self.progress:
+            self.progress.advance(record, job.turn)
 
     def _generate(self, ready: list[int]) -> None:
         jobs = [self.live[i] for i in ready]
-        conversations = [j.messages for j in jobs]
-        t0 = time.perf_counter()
+        conversations = [self.prompt.apply(j.messages) for j in jobs]
+        kwargs: dict[str, Any] = {}
         if self.seeded:
-            seeds = [turn_seed(j.seed, j.episode_id, j.turn) for j in jobs]
-            generations = self.policy.generate(conversations, self.decoding, self.stop, seeds=seeds)
-        else:
-            generations = self.policy.generate(conversations, self.decoding, self.stop)
+            kwargs["seeds"] = [turn_seed(j.seed, j.episode_id, j.turn) for j in jobs]
+        if self.streams:
+            kwargs["on_tokens"] = self.progress.tokens
+        if self.progress:
+            self.progress.gen_started = time.perf_counter()
+        t0 = time.perf_counter()
+        generations = self.policy.generate(conversations, self.decoding, self.stop, **kwargs)
         seconds = time.perf_counter() - t0
         self.gen_seconds += seconds
         for i, job, g in zip(ready, jobs, generations):
+            if g.finish_reason == PROMPT_TOO_LONG:  # the conversation outgrew the model's context window
+                self._send(i, "end", CONTEXT_LIMIT)
+                continue
             job.turn += 1
-            self._send(i, "step", g.text, g.n_prompt_tokens, g.n_completion_tokens, seconds)
+            self._send(i, "step", g.text, g.n_prompt_tokens, g.n_completion_tokens, seconds, g.finish_reason)
+        if self.progress:
+            self.progress.turns_done([g for g in generations if g.finish_reason != PROMPT_TOO_LONG], seconds,
+                                     counted=self.streams)
 
 
 def _params(fn) -> set[str]:
@@ -261,7 +296,8 @@ def evaluate(policy: str | Policy, env_id: str, seeds: Sequence[int] = (0,), wor
              limit: int | None = None, out_dir: str | Path | None = None, decoding: Decoding | None = None,
              env_kwargs: dict[str, Any] | None = None, env_server: str | None = None, model_opts: dict | None = None,
              max_retries: int = 2, timeout: float = 600.0, progress: bool = True,
-             episode_ids: Sequence[str] | None = None) -> dict[str, Any]:
+             episode_ids: Sequence[str] | None = None, system_prompt: str | None = None,
+             fewshot: int = 0) -> dict[str, Any]:
     """Evaluate ``policy`` (a model spec string or a live Policy) on the panel of ``env_id`` for each seed.
 
     The panel is the env's ``episode_ids[:limit]``, or the given ``episode_ids`` (ids of that env, in
@@ -270,6 +306,8 @@ def evaluate(policy: str | Policy, env_id: str, seeds: Sequence[int] = (0,), wor
     ``env_kwargs`` go to the env (e.g. ``max_turns``, ``history_window``, ``data_dir``); ``timeout``
     bounds one env reply before its worker counts as hung. A worker that dies or raises is
     restarted and its episode retried ``max_retries`` times, then recorded as an error line.
+    ``system_prompt`` replaces the env's system message and ``fewshot`` prepends that many worked
+    example turns from the env's train split (``sage_evals.prompting``). Ctrl-C raises ``RunInterrupted``.
     """
     import sage_gym
     from sage_gym.envargs import check_env_kwargs, check_seed, effective_env_kwargs
@@ -288,6 +326,10 @@ def evaluate(policy: str | Policy, env_id: str, seeds: Sequence[int] = (0,), wor
     model_name = policy if isinstance(policy, str) else getattr(policy, "name", type(policy).__name__)
     folder = RunFolder(out_dir or default_out_dir(model_name, env_id))
     owned = isinstance(policy, str)
+    if owned and policy in SCRIPTED and (system_prompt or fewshot):
+        raise RunSettingsError(f"--system-prompt and --fewshot shape a model's prompt; the scripted agent "
+                               f"{policy!r} reads no prompt. Drop them, or evaluate a model.")
+    prompt = PromptOptions.build(env_id, system_prompt, fewshot, env_kwargs)
     lock = folder.lock().acquire()  # a second writer of this folder is refused here
     pool = loaded = None
     try:
@@ -305,6 +347,7 @@ def evaluate(policy: str | Policy, env_id: str, seeds: Sequence[int] = (0,), wor
             "panel": panel, "panel_sha256": hashlib.sha256("\n".join(panel).encode()).hexdigest(),
             "seeds": seeds, "decoding": {f.name: getattr(decoding, f.name) for f in fields(decoding) if f.name != "seed"},
             "max_turns": pool.info["max_turns"], "history_window": pool.info["history_window"], "limit": limit,
+            "max_context": getattr(loaded, "max_context", None), "prompt": prompt.settings(),
             "sage_version": sage_gym.__version__, "git_commit": git_commit(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -313,14 +356,17 @@ def evaluate(policy: str | Policy, env_id: str, seeds: Sequence[int] = (0,), wor
         done = {(r["episode_id"], r["seed"]) for r in records}
         jobs = [_Job(ep, s) for s in seeds for ep in panel if (ep, s) not in done]
         t0 = time.perf_counter()
-        with _Progress(progress, len(panel) * len(seeds), records) as bar:
+        total = len(panel) * len(seeds)
+        with _Progress(progress, total, records, pool.info["max_turns"]) as bar:
             def on_record(record: dict) -> None:
                 folder.append(record)
                 records.append(record)
-                bar.advance(record)
 
-            loop = _Loop(pool, loaded, decoding, jobs, on_record, max_retries)
-            loop.run()
+            loop = _Loop(pool, loaded, decoding, jobs, on_record, max_retries, prompt, bar)
+            try:
+                loop.run()
+            except KeyboardInterrupt:
+                raise RunInterrupted(len(records), total, len(loop.live), folder.path) from None
         wall = time.perf_counter() - t0
         new = len(jobs)
         timing = {"seconds": wall, "episodes_this_session": new,
@@ -340,37 +386,110 @@ def evaluate(policy: str | Policy, env_id: str, seeds: Sequence[int] = (0,), wor
 
 
 class _Progress:
-    """A rich progress bar of finished episodes with the running success rate (or nothing)."""
+    """A rich progress display (or nothing): episodes done, turns done, episodes in flight, tokens per
+    second, the running success rate and an ETA that counts turns still to play, so it moves while
+    long episodes are in flight. Remaining turns per episode: the mean of the episodes finished so far
+    (the turn cap until one finishes, so the first ETA is an upper bound)."""
 
-    def __init__(self, enabled: bool, total: int, records: list[dict]):
-        self.enabled, self.total = enabled, total
+    def __init__(self, enabled: bool, total: int, records: list[dict], max_turns: int):
+        self.enabled, self.total, self.max_turns = enabled, total, max_turns
         self.n, self.wins, self.errors = len(records), sum(bool(r["success"]) for r in records), 0
+        self.turns = self.turns_at_start = sum(int(r.get("turns", 0)) for r in records)
+        self.finished_turns, self.finished = self.turns, self.n
+        self.in_flight, self.live_turns = 0, 0  # episodes being played, turns they have played
+        self.new_tokens, self.gen_seconds, self.gen_started = 0, 0.0, None
+        self.t0, self.shown, self.plain = time.perf_counter(), 0.0, False
 
     def __enter__(self) -> _Progress:
-        if self.enabled:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        self.plain = self.enabled and not console.is_terminal  # a log: one line per episode
+        if self.enabled and not self.plain:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.bar = Progress(TextColumn("[bold]episodes"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.description}"), TimeElapsedColumn(), transient=False)
+                                TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                                transient=False)
             self.bar.start()
             self.task = self.bar.add_task(self._text(), total=self.total, completed=self.n)
         return self
 
-    def _text(self) -> str:
-        rate = f"success {self.wins / self.n:.1%}" if self.n else "success -"
-        return rate + (f" [red]errors {self.errors}" if self.errors else "")
+    def rate(self) -> float:
+        """Generated tokens per second of generation time, the call in flight included."""
+        busy = self.gen_seconds + (time.perf_counter() - self.gen_started if self.gen_started else 0.0)
+        return self.new_tokens / busy if busy > 0 else 0.0
 
-    def advance(self, record: dict) -> None:
+    def eta(self) -> float | None:
+        """Seconds left: turns still to play over the turn rate of this session (None before the first turn)."""
+        played = self.turns - self.turns_at_start
+        if played <= 0:
+            return None
+        per_episode = self.finished_turns / self.finished if self.finished else self.max_turns
+        live_left = max(0.0, self.in_flight * per_episode - self.live_turns)
+        unstarted = max(0, self.total - self.n - self.in_flight)
+        return (live_left + unstarted * per_episode) * (time.perf_counter() - self.t0) / played
+
+    def _text(self) -> str:
+        eta = self.eta()
+        parts = [f"turns {self.turns}", f"{self.in_flight} in flight" if self.in_flight else "",
+                 f"{self.rate():.1f} tok/s" if self.new_tokens else "",
+                 f"success {self.wins / self.n:.1%}" if self.n else "success -",
+                 f"[red]errors {self.errors}[/]" if self.errors else "",
+                 f"ETA {_clock(eta)}" if eta is not None and self.n < self.total else ""]
+        return " · ".join(p for p in parts if p)
+
+    def _refresh(self) -> None:
+        if self.enabled and not self.plain:
+            self.bar.update(self.task, completed=self.n, description=self._text())
+
+    def tokens(self, n: int) -> None:
+        """``n`` tokens were just generated (a policy's on_tokens callback)."""
+        self.new_tokens += n
+        if self.enabled and not self.plain and time.perf_counter() - self.shown > 0.5:
+            self.shown = time.perf_counter()
+            self._refresh()
+
+    def turns_done(self, generations: list, seconds: float, counted: bool) -> None:
+        """A generate call ended: its turns go to the envs (tokens are counted here unless streamed)."""
+        self.gen_seconds += seconds
+        self.gen_started = None
+        self.turns += len(generations)
+        self.live_turns += len(generations)
+        if not counted:
+            self.new_tokens += sum(g.n_completion_tokens for g in generations)
+        self._refresh()
+
+    def forget(self, played: int) -> None:
+        """An episode is retried from its start: the turns it had played are no longer live."""
+        self.live_turns -= played
+
+    def advance(self, record: dict, played: int) -> None:
+        """An episode finished; ``played``: the turns the loop saw (0 for a scripted agent, which plays in its worker)."""
+        turns = int(record.get("turns", 0))
         self.n += 1
         self.wins += bool(record["success"])
         self.errors += bool(record.get("error"))
-        if self.enabled:
-            self.bar.update(self.task, advance=1, description=self._text())
+        self.finished += 1
+        self.finished_turns += turns
+        self.turns += max(0, turns - played)
+        self.live_turns -= played
+        self.in_flight = max(0, self.in_flight - 1)
+        if self.plain:
+            print(f"episode {self.n}/{self.total} {record['episode_id']} seed {record['seed']}: "
+                  f"{'success' if record['success'] else 'failure'} in {turns} turns · "
+                  + re.sub(r"\[/?[a-z]*\]", "", self._text()), file=sys.stderr, flush=True)
+        self._refresh()
 
     def __exit__(self, *exc) -> None:
-        if self.enabled:
+        if self.enabled and not self.plain:
             self.bar.stop()
 
 
-__all__ = ["RunErrorsError", "RunFolder", "RunSettingsError", "RunSettingsMismatch", "check_errors", "evaluate",
-           "summarize"]
+def _clock(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
+
+
+__all__ = ["RunErrorsError", "RunFolder", "RunInterrupted", "RunSettingsError", "RunSettingsMismatch", "check_errors",
+           "evaluate", "summarize"]

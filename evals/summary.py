@@ -1,60 +1,55 @@
-"""Aggregate episode records into a run summary (docs/run-format.md, SPEC section 5).
+"""Aggregate episode records into a run summary (docs/run-format.md, SPEC section 6).
 
-Over >= 2 seeds: mean, std and a t-interval over the per-seed means. With one seed: the
-std over episodes and an interval over episodes (Wilson for success, a percentile bootstrap
-for score). Each metric says which in ``interval``. Episodes recorded as errors count as
-failures with score 0 (they are also counted in ``n_errors``).
+The game (episode id) is the unit: success and score are averaged over seeds per game, the
+headline is the mean over games with a 95% bootstrap interval over games (a resampled game keeps
+all its seeds), and the std of the per-seed means is reported beside it as "std over seeds".
+Episodes recorded as errors count as failures with score 0 (they are also counted in ``n_errors``).
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter, defaultdict
-from statistics import mean, stdev
 from typing import Any, Iterable
 
-from sage_evals.stats import mean_std_ci, paired_bootstrap
+from sage_evals.policy import CUT, FINISH_REASONS
+from sage_evals.stats import game_estimate, per_game
 from sage_gym.formatting import INVALID_REASONS
 
-
-def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion."""
-    from scipy import stats
-
-    if n == 0:
-        return 0.0, 1.0
-    z = stats.norm.ppf(0.5 + level / 2)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    # the interval holds p; float rounding can put an end a hair past it (e.g. 2.8e-17 for 0 of 6)
-    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
+CUT_CAUSE = "cut_at_token_limit"  # an invalid turn whose generation hit max_new_tokens or the context window
 
 
-def bootstrap_interval(values: list[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval for the mean (fixed seed: the summary is reproducible): the
-    paired bootstrap of ``values`` against zeros."""
-    return paired_bootstrap([0.0] * len(values), values, n_resamples=resamples, seed=seed, confidence=level).ci95
+def metric_summary(records: list[dict], key: str) -> dict[str, Any]:
+    """mean (over games), ci95 (bootstrap over games), std_over_seeds, per_seed means of one metric."""
+    if not records:
+        return {"mean": None, "ci95": None, "std_over_seeds": None, "per_seed": {}, "n_games": 0, "n_seeds": 0,
+                "interval": "no episodes"}
+    est = game_estimate(per_game(records, key))
+    return {"mean": est.mean, "ci95": list(est.ci95), "std_over_seeds": est.std_over_seeds,
+            "per_seed": {str(s): m for s, m in est.per_seed.items()}, "n_games": est.n_games, "n_seeds": est.n_seeds,
+            "interval": f"bootstrap over {est.n_games} games, seeds kept together"}
 
 
-def metric_summary(records: list[dict], key: str, binary: bool) -> dict[str, Any]:
-    """mean/std/ci95/per_seed of one metric (``success`` or ``score``)."""
-    per_seed: dict[int, list[float]] = defaultdict(list)
+def task_type_summary(records: list[dict]) -> dict[str, Any]:
+    """Episodes, games, and success/score means over games with their game-bootstrap intervals."""
+    success, score = metric_summary(records, "success"), metric_summary(records, "score")
+    return {"n": len(records), "games": success["n_games"], "success": success["mean"], "success_ci95": success["ci95"],
+            "score": score["mean"], "score_ci95": score["ci95"]}
+
+
+def turn_counts(records: list[dict]) -> dict[str, Any]:
+    """Model turns by how the generation ended, and invalid turns by cause: a turn cut at the token or
+    context limit counts as ``cut_at_token_limit`` whatever the env said, apart from a model that
+    finished its response without a usable action (``empty``/``unparseable``/``schema_violation``)."""
+    finish = dict.fromkeys(FINISH_REASONS, 0)
+    causes = dict.fromkeys((CUT_CAUSE, *INVALID_REASONS), 0)
     for r in records:
-        per_seed[r["seed"]].append(float(r[key]))
-    seed_means = {s: mean(v) for s, v in sorted(per_seed.items())}
-    out: dict[str, Any] = {"per_seed": {str(s): m for s, m in seed_means.items()}}
-    if len(seed_means) >= 2:
-        est = mean_std_ci(list(seed_means.values()))
-        out.update(mean=est.mean, std=est.std, ci95=list(est.ci95), interval=f"t over {est.n} per-seed means")
-    else:
-        values = [float(r[key]) for r in records]
-        if not values:
-            return {**out, "mean": None, "std": None, "ci95": None, "interval": "no episodes"}
-        ci = wilson_interval(int(sum(values)), len(values)) if binary else bootstrap_interval(values)
-        out.update(mean=mean(values), std=stdev(values) if len(values) > 1 else 0.0, ci95=list(ci),
-                   interval=("wilson" if binary else "bootstrap") + f" over {len(values)} episodes (one seed; std over episodes)")
-    return out
+        for reason, n in (r.get("finish_reasons") or {}).items():
+            finish[reason] = finish.get(reason, 0) + n
+        cut = r.get("cut_invalid_turns") or {}
+        causes[CUT_CAUSE] += sum(cut.values())
+        for k, v in (r.get("invalid_turns") or {}).items():
+            causes[k] = causes.get(k, 0) + int(v) - int(cut.get(k, 0))
+    return {"finish": finish, "invalid_causes": causes}
 
 
 def summarize(records: Iterable[dict], settings: dict, timing: dict | None = None) -> dict[str, Any]:
@@ -64,17 +59,26 @@ def summarize(records: Iterable[dict], settings: dict, timing: dict | None = Non
     for r in records:
         by_type[r.get("task_type") or "unknown"].append(r)
     turns = sum(r["turns"] for r in records)
+    counts = turn_counts(records)
+    cut = sum(counts["finish"][k] for k in CUT)
+    ends: dict[str, int] = defaultdict(int)
+    for r in records:
+        ends[r.get("end_reason") or ("terminated" if r.get("terminated") else "turn_cap")] += 1
     return {
         "settings": settings,
         "n_episodes": len(records),
         "n_errors": sum(1 for r in records if r.get("error")),
         "errors_by_cause": dict(Counter(r.get("error_cause") or "unknown" for r in records if r.get("error"))),
-        "success": metric_summary(records, "success", binary=True),
-        "score": metric_summary(records, "score", binary=False),
-        "per_task_type": {t: {"n": len(rs), "success": mean(float(r["success"]) for r in rs),
-                              "score": mean(float(r["score"]) for r in rs)} for t, rs in sorted(by_type.items())},
+        "success": metric_summary(records, "success"),
+        "score": metric_summary(records, "score"),
+        "per_task_type": {t: task_type_summary(rs) for t, rs in sorted(by_type.items())},
         "invalid_rate": {k: (sum(r["invalid_turns"].get(k, 0) for r in records) / turns if turns else 0.0)
                          for k in INVALID_REASONS},
+        "invalid_causes": {k: v / turns if turns else 0.0 for k, v in counts["invalid_causes"].items()},
+        "finish_reasons": counts["finish"],
+        "cut_at_token_limit": {"turns": cut, "rate": cut / turns if turns else 0.0,
+                               "invalid": counts["invalid_causes"][CUT_CAUSE]},
+        "end_reasons": dict(ends),
         "turns_mean": turns / len(records) if records else 0.0,
         "tokens": {"prompt": sum(r["prompt_tokens"] for r in records),
                    "completion": sum(r["completion_tokens"] for r in records)},

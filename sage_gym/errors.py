@@ -1,6 +1,11 @@
 """Errors that users see: each says what was wrong and what is accepted."""
 
 
+def install_hint(extra: str) -> str:
+    """The command that installs an optional extra, as the package is installed: from its source folder."""
+    return f"pip install -e '.[{extra}]' (in the SAGE source folder)"
+
+
 class SageError(Exception):
     """Base class of the project's user-facing errors (the CLI prints them without a traceback)."""
 

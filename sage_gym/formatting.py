@@ -72,15 +72,16 @@ class ReActFormatter:
         return f"{observation.strip()}\n\nYour task: {task.strip()}" if task.strip() not in observation else observation.strip()
 
     def invalid_feedback(self, reason: str) -> str:
-        """The fixed feedback for an invalid turn: it names the problem and restates the format."""
+        """The fixed feedback for an invalid turn: it names the problem and restates the format in words,
+        never as a tag pair, so a model that copies it does not produce an action."""
         problem = {
             EMPTY: "Your response was empty.",
-            UNPARSEABLE: f"Your response did not contain exactly one {self.open_tag}...{self.close_tag}.",
+            UNPARSEABLE: "Your response did not contain exactly one action inside action tags.",
             SCHEMA_VIOLATION: "That action is not a valid command in this environment.",
         }[reason]
         return (
-            f"Invalid response: {problem} Nothing happened. Reply with your reasoning followed by exactly one "
-            f"{self.open_tag}action{self.close_tag} holding a single valid command."
+            f"Invalid response: {problem} Nothing happened. Reply with your reasoning, then exactly one valid "
+            "command placed between an opening and a closing action tag, as the system message shows."
         )
 
     def format_action(self, action: str, thought: str = "") -> str:

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
-from sage_gym.errors import DataNotFoundError, SageError
+from sage_gym.errors import DataNotFoundError, SageError, install_hint
 
 META_FILE = "sage_index.json"
-PYSERINI_INSTALL = "pip install 'sage-agents[pyserini]'"
+PYSERINI_INSTALL = install_hint("pyserini")
 
 
 class RetrievalError(SageError):

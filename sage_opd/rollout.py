@@ -18,7 +18,7 @@ from typing import Any
 
 import sage_gym
 from sage_evals.models import turn_seed
-from sage_evals.policy import Decoding, Policy
+from sage_evals.policy import PROMPT_TOO_LONG, Decoding, Policy
 from sage_gym.agents import ExpertAgent
 from sage_gym.errors import EnvCrashedError, SageError
 from sage_gym.procs import fixed_hash_seed
@@ -295,6 +295,8 @@ class RolloutCollector:
                 envs[i].send("expert")
             for i in experts:
                 outputs[i] = (envs[i].recv(), [], [], "stop")
+            # a conversation that outgrew the model's context window ends here: nothing was generated
+            active = [i for i in active if outputs[i][3] != PROMPT_TOO_LONG]
             for i in active:
                 envs[i].send("step", outputs[i][0])
             still = []

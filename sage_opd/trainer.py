@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from sage_evals.policy import Decoding
 from sage_gym.durable import FolderLock, append_jsonl, read_jsonl, replace_dir, restore_aside, write_jsonl
-from sage_gym.errors import SageError
+from sage_gym.errors import SageError, install_hint
 from sage_gym.formatting import INVALID_REASONS
 from sage_opd.algorithms import MicroResult, imitated, micro_batch_loss, reverse_kl_sum
 from sage_opd.config import ConfigError, TrainConfig, save_config
@@ -41,6 +41,10 @@ from sage_opd.rollout import RolloutBatch, RolloutCollector, TurnRecord, check_t
 from sage_opd.teacher import TurnIds, check_same_tokenizer, lm_hidden_states, make_batch
 
 CHECKPOINT_PREFIX = "step-"
+
+
+class OutputExistsError(SageError):
+    """``log.out_dir`` already holds a training run and ``--resume`` was not given."""
 
 
 class ModelTooLargeError(SageError, MemoryError):
@@ -171,6 +175,8 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.optim.dtype, self.device)
         self.out_dir = Path(cfg.log.out_dir)
         self.step = 0
+        if not resume:
+            self._refuse_existing_run()
         if cfg.rollout.env_id and not cfg.rollout.from_file:
             check_train_split(cfg.rollout.env_id)
         set_seed(cfg.optim.seed)
@@ -202,6 +208,7 @@ class Trainer:
 
         self._lock = FolderLock(self.out_dir, "sage train").acquire() if self.dist.main else None
         resume_dir = self.latest_checkpoint() if resume else None
+        self.resumed_from = resume_dir  # the checkpoint this run continues (None: from the start)
         if resume and resume_dir is None and self.dist.main:
             print(f"--resume: no checkpoint under {self.out_dir / 'checkpoints'}; starting from step 0")
         self.model = self._load_student(resume_dir)
@@ -247,6 +254,18 @@ class Trainer:
             save_config(cfg, self.out_dir / "config.yaml")
             self._truncate_metrics()
 
+    def _refuse_existing_run(self) -> None:
+        """Never overwrite a run's metrics and checkpoints silently: say how to resume it or go elsewhere."""
+        last = self.latest_checkpoint()
+        logged = self.out_dir / "metrics.jsonl"
+        if last is None and not (logged.is_file() and logged.stat().st_size):
+            return
+        where = f"checkpoints up to {last.name}" if last else "metrics.jsonl but no checkpoint"
+        raise OutputExistsError(
+            f"{self.out_dir} already holds a training run ({where}). Add --resume to continue it"
+            + (f" from {last.name}" if last else " (from step 0: nothing was saved)")
+            + f", or write elsewhere with log.out_dir=OTHER_FOLDER (or delete {self.out_dir}).")
+
     # ---- models ----------------------------------------------------------------------------------
     def _load_student(self, checkpoint: Path | None):
         from transformers import AutoModelForCausalLM
@@ -278,11 +297,11 @@ class Trainer:
             for p in self.model.parameters():
                 dist.broadcast(p.data, 0)
 
-    def student_policy(self):
+    def student_policy(self, name: str = "student"):
         """The live student as a ``sage_evals`` policy (generation reads the current weights)."""
         from sage_evals.models import HFPolicy
 
-        return HFPolicy(model=self.rollout_model or self.model, tokenizer=self.tokenizer, name="student")
+        return HFPolicy(model=self.rollout_model or self.model, tokenizer=self.tokenizer, name=name)
 
     def sync_rollout_model(self) -> None:
         """fsdp: gather the trained shards into the full generation copy (a collective: every rank calls it)."""
@@ -369,7 +388,7 @@ class Trainer:
     def _log_judged(self, step: int, turns: list[TurnRecord], result) -> None:
         """Append each judged turn (p_yes, i, the action and the env expert's move when known) to judge_turns.jsonl
         (rank 0's turns), for analysing the judge on real rollouts."""
-        rows = [{"step": step, "episode": t.episode, "turn": t.turn, "p_yes": p, "intervention": i,
+        rows = [{"step": step + 1, "episode": t.episode, "turn": t.turn, "p_yes": p, "intervention": i,
                  "action": t.action, "expert_action": t.expert_action}
                 for t, p, i in zip(turns, result.p_yes, result.interventions) if p is not None]
         append_jsonl(self.out_dir / "judge_turns.jsonl", *rows)
@@ -443,7 +462,7 @@ class Trainer:
                "lr": self.scheduler.get_last_lr()[0], "grad_norm": 0.0}
         if no_update:
             if self.dist.main:
-                print(f"step {self.step}: sum of weights is ~0 (no turn selected): no update this step")
+                print(f"step {self.step + 1}: sum of weights is ~0 (no turn selected): no update this step")
         else:
             # fsdp's reduce-scatter averages over ranks; ddp (above) summed
             scale = (self.dist.world if self.dist.strategy == "fsdp" else 1) / denom
@@ -484,7 +503,7 @@ class Trainer:
                 dist.all_reduce(local)
         (i_sum, n_distilled, n_turns, n_teacher, wins, n_eps, calls, *short) = local.tolist()
         metrics.update({
-            "step": step,
+            "step": step + 1,  # steps done, as in checkpoints/step-N and evals/step-N
             "intervention_rate": i_sum / n_distilled if n_distilled else None,
             "judge_calls": int(calls),
             **{f"short_circuit/{r}": int(n) for r, n in zip(INVALID_REASONS, short)},
@@ -528,7 +547,8 @@ class Trainer:
             for name, env_id in (("seen", ecfg.seen), ("unseen", ecfg.unseen)):
                 if not env_id:
                     continue
-                summary = evaluate(self.student_policy(), env_id, seeds=ecfg.seeds, workers=ecfg.workers,
+                # the model name says which step it is, in every leaderboard and report
+                summary = evaluate(self.student_policy(f"{self.cfg.student.path} @ step {step}"), env_id, seeds=ecfg.seeds, workers=ecfg.workers,
                                    limit=ecfg.limit, decoding=decoding, progress=False,
                                    env_kwargs={"max_turns": ecfg.max_turns},
                                    out_dir=self.out_dir / "evals" / f"step-{step:06d}" / name)
@@ -607,11 +627,11 @@ class Trainer:
         self.step = state["step"]
 
     def _truncate_metrics(self) -> None:
-        """Cut a torn last line (a kill mid-write) and, on resume, drop logged steps past the checkpoint so
-        the logs read like one run (rewritten atomically, only when there is something to drop)."""
+        """Cut a torn last line (a kill mid-write) and, on resume, drop logged steps past the checkpoint (step N:
+        N steps done, as in checkpoints/step-N) so the logs read like one run (rewritten atomically, only when there is something to drop)."""
         for path in (self.metrics_path, self.out_dir / "judge_turns.jsonl"):
             rows = read_jsonl(path)
-            kept = [r for r in rows if r.get("step", -1) < self.step]
+            kept = [r for r in rows if r.get("step", -1) <= self.step]
             if len(kept) < len(rows):
                 write_jsonl(path, kept)
 
@@ -634,7 +654,7 @@ class Trainer:
                 try:
                     import wandb
                 except ImportError as err:
-                    raise SageError("log.wandb=true needs the wandb package: pip install 'sage-agents[wandb]'") from err
+                    raise SageError(f"log.wandb=true needs the wandb package: {install_hint('wandb')}") from err
                 self.wandb = wandb.init(project=self.cfg.log.wandb_project, config=self.cfg.to_dict(),
                                         dir=str(self.out_dir), resume="allow")
             self.wandb.log({k: v for k, v in metrics.items() if v is not None}, step=metrics["step"])

@@ -101,7 +101,8 @@ def test_invalid_responses_are_reported_and_not_sent(env, response, reason):
     before = env.admissible_actions()
     obs, reward, terminated, truncated, info = env.step(response)
     assert info["action_valid"] is False and info["invalid_reason"] == reason and info["action"] is None
-    assert obs == env.formatter.invalid_feedback(reason) and "<action>" in obs
+    assert obs == env.formatter.invalid_feedback(reason)
+    assert env.formatter.parse(obs).invalid_reason == "unparseable"  # a model copying the feedback writes no action
     assert reward == 0.0 and not terminated and not truncated and info["turn"] == 1
     assert env.admissible_actions() == before  # the game did not move
     assert info["messages"][-1] == {"role": "user", "content": obs}

@@ -17,7 +17,9 @@ import sage_gym
 from sage_evals.models import HFPolicy
 from sage_evals.policy import Decoding
 from sage_evals.runner import RunSettingsMismatch, evaluate
+from sage_evals.stats import bootstrap_ci
 from sage_evals.summary import summarize
+from sage_gym.errors import SageError
 from sage_gym.core import EpisodeStart, GameStep, TextEnv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,9 +114,97 @@ def test_tiny_model_on_alfworld_is_seeded_and_batch_independent(tiny_models, tmp
         assert 0 < r["completion_tokens"] <= 16 and r["prompt_tokens"] > 100
         assert len(r["messages"]) == 2 + 2 * 2
         assert sum(r["invalid_turns"].values()) == sum(not s["action_valid"] for s in r["steps"])
-    assert summary["success"]["interval"].startswith("t over 2 per-seed means")
+    assert summary["success"]["interval"] == "bootstrap over 2 games, seeds kept together"
     assert summary["tokens"]["completion"] == sum(r["completion_tokens"] for r in a.values())
     assert again["settings"]["decoding"] == {"temperature": 0.4, "top_p": 1.0, "top_k": None, "max_new_tokens": 8}
+    assert again["settings"]["max_context"] == 8192 and again["settings"]["prompt"] is None
+    steps = [s for r in a.values() for s in r["steps"]]
+    assert {s["finish_reason"] for s in steps} <= {"stop", "eos", "length", "context"}
+    assert sum(r["finish_reasons"].get("length", 0) for r in a.values()) == summary["finish_reasons"]["length"] > 0
+
+
+class RecordingPolicy(HFPolicy):
+    """The real tiny model; it also keeps every conversation it was asked to answer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.asked: list[list[dict]] = []
+
+    def generate(self, conversations, decoding, stop, seeds=None, on_tokens=None):
+        self.asked += conversations
+        return super().generate(conversations, decoding, stop, seeds=seeds, on_tokens=on_tokens)
+
+
+def test_context_window_ends_an_episode_with_a_recorded_reason(tiny_models, tmp_path):
+    """A window that holds the first prompt plus 10 tokens: turn 1 is cut where the window is full (reason
+    context, an invalid turn counted as cut, not as a model that wrote no action); turn 2's prompt no
+    longer fits, so the episode ends there (end_reason context_limit) instead of running to the turn cap."""
+    probe = RecordingPolicy(tiny_models["student"])
+    evaluate(probe, "alfworld-unseen", limit=1, workers=1, out_dir=tmp_path / "probe", progress=False,
+             decoding=Decoding(max_new_tokens=1), env_kwargs={"max_turns": 1})
+    first = len(probe.prompt_ids(probe.asked[0]))
+    policy = HFPolicy(tiny_models["student"], max_context=first + 10)
+    summary = evaluate(policy, "alfworld-unseen", limit=1, workers=1, out_dir=tmp_path / "run", progress=False,
+                       decoding=Decoding(max_new_tokens=64))
+    (r,) = _lines(tmp_path / "run")
+    assert r["end_reason"] == "context_limit" and r["truncated"] and not r["terminated"] and r["turns"] == 1
+    assert r["steps"][0]["finish_reason"] == "context" and r["completion_tokens"] == 10
+    assert r["finish_reasons"] == {"context": 1} and r["invalid_turns"]["unparseable"] == 1
+    assert r["cut_invalid_turns"] == {"empty": 0, "unparseable": 1, "schema_violation": 0}
+    assert summary["end_reasons"] == {"context_limit": 1} and summary["settings"]["max_context"] == first + 10
+    assert summary["cut_at_token_limit"] == {"turns": 1, "rate": 1.0, "invalid": 1}
+    assert summary["invalid_causes"] == {"cut_at_token_limit": 1.0, "empty": 0.0, "unparseable": 0.0,
+                                         "schema_violation": 0.0}
+    assert summary["invalid_rate"]["unparseable"] == 1.0  # the env's own verdict is kept as it was
+
+
+def test_system_prompt_and_fewshot_shape_the_prompt_and_are_checked_on_resume(tiny_models, tmp_path):
+    """--system-prompt replaces the system message; --fewshot 3 puts the expert's first turns on
+    alfworld-train (the env's own rendering) before the episode. Both go into run.json and a resume
+    with other prompt options is refused."""
+    from sage_gym.fewshot import example_episodes
+
+    policy = RecordingPolicy(tiny_models["student"])
+    kwargs = dict(limit=1, workers=1, out_dir=tmp_path / "run", progress=False, decoding=Decoding(max_new_tokens=4),
+                  env_kwargs={"max_turns": 1})
+    evaluate(policy, "alfworld-unseen", system_prompt="Be brief.", fewshot=3, **kwargs)
+    examples, source = example_episodes("alfworld-unseen", 3)
+    assert source["env_id"] == "alfworld-train" and len(source["episode_ids"]) == 1
+    asked = policy.asked[0]
+    assert asked[0] == {"role": "system", "content": "Be brief."}
+    assert [m["role"] for m in asked] == ["system", "user", "assistant", "user", "assistant", "user", "assistant", "user"]
+    assert asked[1]["content"].startswith("Worked example") and examples[0][0]["content"] in asked[1]["content"]
+    assert [m["content"] for m in asked[2:7:2]] == [m["content"] for m in examples[0][1:6:2]]
+    assert all(m["content"].startswith("<action>") for m in asked[2:7:2])  # the env's action format
+    episode = _lines(tmp_path / "run")[0]["messages"]
+    assert asked[-1]["content"].endswith(episode[1]["content"]) and "Now your own episode" in asked[-1]["content"]
+    assert episode[0]["content"] != "Be brief."  # the record keeps the env's own conversation
+    prompt = json.loads((tmp_path / "run" / "run.json").read_text())["prompt"]
+    assert prompt["system_prompt"] == "Be brief." and prompt["fewshot"] == 3 and prompt["fewshot_source"] == source
+    with pytest.raises(RunSettingsMismatch, match="prompt"):
+        evaluate(policy, "alfworld-unseen", system_prompt="Be brief.", fewshot=2, **kwargs)
+    with pytest.raises(SageError, match="scripted agent 'expert' reads no prompt"):
+        evaluate("expert", "alfworld-unseen", fewshot=2, limit=1, out_dir=tmp_path / "x", progress=False)
+
+
+def test_progress_counts_turns_tokens_and_an_eta_before_any_episode_ends():
+    """The ETA comes from turns played, so it exists while episodes are in flight (none finished yet: it
+    assumes the turn cap) and uses the finished episodes' mean length once there are some."""
+    from sage_evals.policy import Generation
+    from sage_evals.runner import _Progress
+
+    bar = _Progress(False, total=4, records=[], max_turns=10)
+    assert bar.eta() is None
+    bar.t0 -= 20.0  # 20 s into the run
+    bar.in_flight = 2
+    bar.turns_done([Generation("a", completion_tokens=30), Generation("b", completion_tokens=10)], 4.0, counted=False)
+    # 2 turns in 20 s; 2 live episodes with 9 turns left each at the cap, 2 unstarted with 10: 38 turns
+    assert bar.eta() == pytest.approx(38 * 10.0, rel=0.01) and bar.rate() == pytest.approx(10.0)
+    text = bar._text()
+    assert "turns 2" in text and "2 in flight" in text and "10.0 tok/s" in text and "ETA 0:06:" in text
+    bar.advance({"success": True, "turns": 1}, played=1)  # one ends after 1 turn: episodes now look 1 turn long
+    bar.in_flight = 2
+    assert bar.eta() == pytest.approx((2 * 1 - 1 + 1 * 1) * 10.0, rel=0.01)  # 1 live turn left, 1 unstarted
 
 
 # ---- crashes, errors, resume -----------------------------------------------------------------
@@ -207,15 +297,29 @@ def _lines_tolerant(out: Path) -> list[dict]:
     return good
 
 
-def test_ctrl_c_leaves_no_workers(tmp_path):
+def test_ctrl_c_leaves_no_workers_and_says_how_to_resume(tmp_path):
     proc = _start_cli(tmp_path / "run", limit=6, workers=2)
     _wait_lines(tmp_path / "run", 1, proc)
     workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     assert len(workers) >= 2
     proc.send_signal(signal.SIGINT)
-    proc.wait(60)
-    assert proc.returncode != 0
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    done = len(_lines(tmp_path / "run"))
+    assert f"interrupted: {done} of 6 episodes are saved in {tmp_path / 'run' / 'episodes.jsonl'}" in err
+    assert (f"to resume: sage evaluate --model expert --env alfworld-unseen --limit 6 --workers 2 --out "
+            f"{tmp_path / 'run'} --no-progress\n") in err  # one line, to copy
     assert _gone(workers, timeout=15)
+
+
+def test_piped_progress_is_one_plain_line_per_episode(tmp_path):
+    run = subprocess.run([SAGE, "evaluate", "--model", "expert", "--env", "alfworld-unseen", "--limit", "2",
+                          "--workers", "1", "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lines = [ln for ln in run.stderr.splitlines() if ln.startswith("episode ")]
+    assert [ln.split(" ")[1] for ln in lines] == ["1/2", "2/2"] and all("success in" in ln for ln in lines)
+    assert "━" not in run.stderr and "[red]" not in run.stderr  # no bar redrawn into a log, no markup
+    assert "success" in run.stdout  # the summary table
 
 
 def test_unknown_model_is_one_red_line(tmp_path):
@@ -237,19 +341,20 @@ def test_summary_statistics_on_a_constructed_example():
     records = [_rec(f"e{i}", s, bool(w), float(w), "a" if i < 2 else "b", 5, {"unparseable": 1} if i == 0 else None)
                for s, ws in wins.items() for i, w in enumerate(ws)]
     s = summarize(records, {"model": "m"})
-    t975_df2 = 4.302652729911275  # Student t quantile, 2 degrees of freedom
-    half = t975_df2 * 0.25 / 3 ** 0.5
-    assert s["success"]["mean"] == pytest.approx(0.5) and s["success"]["std"] == pytest.approx(0.25)
-    assert s["success"]["ci95"] == pytest.approx([0.5 - half, 0.5 + half])
+    # per game over the 3 seeds: e0 2/3, e1 1/3, e2 1/3, e3 2/3; the mean over games is 0.5
+    assert s["success"]["mean"] == pytest.approx(0.5) and s["success"]["std_over_seeds"] == pytest.approx(0.25)
+    assert s["success"]["ci95"] == pytest.approx(list(bootstrap_ci([2 / 3, 1 / 3, 1 / 3, 2 / 3])))
+    assert s["success"]["ci95"][0] == pytest.approx(1 / 3) and s["success"]["ci95"][1] == pytest.approx(2 / 3)
+    assert (s["success"]["n_games"], s["success"]["n_seeds"]) == (4, 3)
     assert s["success"]["per_seed"] == {"0": 0.75, "1": 0.5, "2": 0.25}
-    assert s["per_task_type"] == {"a": {"n": 6, "success": pytest.approx(3 / 6), "score": pytest.approx(0.5)},
-                                  "b": {"n": 6, "success": pytest.approx(3 / 6), "score": pytest.approx(0.5)}}
+    assert s["per_task_type"]["a"] == {"n": 6, "games": 2, "success": pytest.approx(0.5), "score": pytest.approx(0.5),
+                                       "success_ci95": pytest.approx([1 / 3, 2 / 3]),
+                                       "score_ci95": pytest.approx([1 / 3, 2 / 3])}
     assert s["invalid_rate"]["unparseable"] == pytest.approx(3 / 60) and s["invalid_rate"]["empty"] == 0
     assert s["turns_mean"] == 5 and s["tokens"] == {"prompt": 120, "completion": 36}
     one_seed = summarize([r for r in records if r["seed"] == 0], {})
-    assert one_seed["success"]["ci95"] == pytest.approx([0.3006, 0.9544], abs=1e-4)  # Wilson, 3 of 4
-    assert one_seed["success"]["interval"].startswith("wilson over 4 episodes")
-    assert one_seed["score"]["interval"].startswith("bootstrap")
+    assert one_seed["success"]["std_over_seeds"] is None and one_seed["success"]["mean"] == 0.75
+    assert one_seed["success"]["interval"] == "bootstrap over 4 games, seeds kept together"
 
 
 def test_env_server_hook_plays_remote_envs(tmp_path):

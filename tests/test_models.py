@@ -7,6 +7,9 @@ import shutil
 import socket
 import threading
 import time
+import warnings
+from contextlib import contextmanager
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -80,6 +83,56 @@ def test_stop_string_truncates_text_and_keeps_generated_ids(lively):
     assert stop in policy.tokenizer.decode(g.token_ids)
 
 
+def test_finish_reasons_say_why_each_generation_ended(lively):
+    policy = HFPolicy(lively)
+    greedy = Decoding(temperature=0.0, max_new_tokens=24)
+    free = policy.generate(_chats(1), greedy, [])[0]
+    assert free.finish_reason == "length"
+    end = next(t for i, t in enumerate(free.token_ids) if i >= 3 and t not in free.token_ids[:i])
+    policy.eos_ids = {end}  # make a token the model emits its end of sequence
+    g = policy.generate(_chats(1), greedy, [])[0]
+    assert g.finish_reason == "eos" and g.token_ids == free.token_ids[:free.token_ids.index(end) + 1]
+
+
+def test_generation_never_exceeds_the_context_window(lively, capfd):
+    """Each row may add only what the window leaves: rows of one batch stop at their own limit (reason
+    context), a prompt that leaves no room is not generated from, and the other rows are unchanged."""
+    chats = _chats(3)
+    probe = HFPolicy(lively)
+    lengths = [len(probe.prompt_ids(c)) for c in chats]
+    assert lengths[0] < lengths[1] < lengths[2]
+    context = lengths[1] + 5
+    policy = HFPolicy(lively, max_context=context)
+    assert probe.max_context == 8192 and policy.max_context == context  # the config's window, or the smaller cap
+    policy.tokenizer.model_max_length = context  # transformers would warn about a too long prompt
+    greedy = Decoding(temperature=0.0, max_new_tokens=24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = policy.generate(chats, greedy, [])
+    assert [g.finish_reason for g in got] == ["length", "context", "prompt_too_long"]
+    assert [len(g.token_ids) for g in got] == [min(24, context - lengths[0]), 5, 0]
+    assert got[2].text == "" and len(got[2].prompt_ids) == lengths[2]
+    alone = probe.generate(chats[:2], Decoding(temperature=0.0, max_new_tokens=24), [])
+    assert got[1].token_ids == alone[1].token_ids[:5] and got[0].token_ids == alone[0].token_ids[:len(got[0].token_ids)]
+    assert "longer than the specified maximum" not in capfd.readouterr().err
+
+
+def test_context_window_is_read_like_lm_evaluation_harness():
+    from transformers import GPT2Config, LlamaConfig
+
+    from sage_evals.models import context_window
+
+    class Tok:
+        model_max_length = 1024
+
+    assert context_window(LlamaConfig(max_position_embeddings=2048), Tok()) == 2048
+    assert context_window(GPT2Config(n_positions=512), Tok()) == 512
+    bare = SimpleNamespace(hidden_size=64)  # a config that states no window: the tokenizer's limit
+    assert context_window(bare, Tok()) == 1024
+    Tok.model_max_length = int(1e30)  # transformers' "no limit" sentinel
+    assert context_window(bare, Tok()) is None
+
+
 def test_prompt_uses_chat_template_with_generation_prompt(tiny_models):
     policy = HFPolicy(tiny_models["student"])
     text = policy.tokenizer.decode(policy.prompt_ids(_chats(1)[0]))
@@ -93,25 +146,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(lively):
-    """The project's OpenAI-compatible server over the lively tiny model, on 127.0.0.1."""
+@contextmanager
+def _serving(app):
+    """Serve a FastAPI app on a free 127.0.0.1 port in a thread; yields its /v1 URL."""
     import uvicorn
 
-    from sage_evals.openai_server import create_app
-
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(HFPolicy(lively), "tiny"), host="127.0.0.1", port=port,
-                                        log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started
-    yield f"http://127.0.0.1:{port}/v1"
-    srv.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(lively):
+    """The project's OpenAI-compatible server over the lively tiny model, on 127.0.0.1."""
+    from sage_evals.openai_server import create_app
+
+    with _serving(create_app(HFPolicy(lively), "tiny")) as url:
+        yield url
 
 
 def test_openai_backend_matches_local_policy(server, lively):
@@ -124,6 +185,23 @@ def test_openai_backend_matches_local_policy(server, lively):
     assert [g.text for g in got] == [g.text for g in local]
     assert [g.n_completion_tokens for g in got] == [len(g.token_ids) for g in local]
     assert [g.n_prompt_tokens for g in got] == [len(g.prompt_ids) for g in local]
+
+
+def test_openai_backend_maps_finish_reasons_and_context_overflow(lively):
+    """Over HTTP: stop/length as OpenAI names them, and a prompt longer than the endpoint's context is
+    the 400 context_length_exceeded that the client turns into prompt_too_long (not an error)."""
+    from sage_evals.openai_server import create_app
+
+    short = HFPolicy(lively, max_context=len(HFPolicy(lively).prompt_ids(_chats(2)[1])) - 1)
+    with _serving(create_app(short, "short")) as url:
+        remote = load_policy("openai:short", base_url=url, max_retries=0)
+        got = remote.generate(_chats(2), Decoding(temperature=0.0, max_new_tokens=12), STOP)
+        free = remote.generate(_chats(1), Decoding(temperature=0.0, max_new_tokens=12), [])[0]
+        remote.close()
+    local = short.generate(_chats(1), Decoding(temperature=0.0, max_new_tokens=12), [])[0]
+    assert got[1].finish_reason == "prompt_too_long" and got[1].text == "" and got[1].n_completion_tokens == 0
+    assert free.finish_reason == ("length" if local.finish_reason in ("length", "context") else "stop")
+    assert free.text == local.text and got[0].finish_reason in ("stop", "length")
 
 
 def test_openai_backend_unknown_model_is_a_clear_error(server):
@@ -187,7 +265,7 @@ def test_vllm_missing_names_the_extra():
         pytest.skip("vllm is installed")
     except ImportError:
         pass
-    with pytest.raises(MissingDependencyError, match=r"pip install 'sage-agents\[vllm\]'"):
+    with pytest.raises(MissingDependencyError, match=r"pip install -e '\.\[vllm\]' \(in the SAGE source folder\)"):
         load_policy("vllm:/some/model")
 
 

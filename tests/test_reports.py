@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from sage_cli.main import app
 from sage_evals.leaderboard import RunFormatError, compare, find_runs, leaderboard, load_run
 from sage_evals.report import EXTERNAL_URL, render_report, write_report
-from sage_evals.stats import mcnemar, mcnemar_exact_p, mean_std_ci, paired_bootstrap
+from sage_evals.stats import (bootstrap_ci, game_estimate, mcnemar, mcnemar_exact_p, mean_std_ci, paired_bootstrap,
+                              per_game, sign_flip_test)
 from sage_gym.errors import SageError
 
 SAGE = str(Path(sys.executable).parent / "sage")
@@ -44,14 +45,17 @@ def record(episode_id: str, seed: int, success: bool, score: float | None = None
 
 
 def write_run(folder: Path, model: str, records: list[dict], env_id: str = "alfworld-unseen",
-              created: str = "2026-11-20T10:00:00+00:00", torn_tail: bool = False) -> Path:
+              created: str = "2026-11-20T10:00:00+00:00", torn_tail: bool = False, **settings_over) -> Path:
+    import hashlib
+
     folder.mkdir(parents=True)
     panel = sorted({r["episode_id"] for r in records})
-    settings = {"model": model, "model_kind": "hf", "env_id": env_id, "panel": panel, "panel_sha256": "ab" * 32,
+    settings = {"model": model, "model_kind": "hf", "env_id": env_id, "panel": panel,
+                "panel_sha256": hashlib.sha256("\n".join(panel).encode()).hexdigest(),
                 "seeds": sorted({r["seed"] for r in records}),
                 "decoding": {"temperature": 0.4, "top_p": 1.0, "top_k": None, "max_new_tokens": 4096},
                 "max_turns": 30, "history_window": None, "limit": None, "sage_version": "0.1.0",
-                "git_commit": "deadbeef", "created": created}
+                "git_commit": "deadbeef", "created": created, **settings_over}
     (folder / "run.json").write_text(json.dumps(settings))
     with open(folder / "episodes.jsonl", "w") as f:
         for r in records:
@@ -110,6 +114,71 @@ def test_paired_bootstrap_is_seeded_and_matches_the_normal_approximation():
     assert same.ci95 == pytest.approx((0.1, 0.1))
 
 
+def test_sign_flip_test_on_hand_enumerated_sign_patterns():
+    assert sign_flip_test([1, 1, 1, 1]) == (2 / 16, True)  # only all-plus and all-minus reach |sum| 4
+    assert sign_flip_test([1, 1, 0, 0, 0, 0]) == (2 / 4, True)  # games without a difference do not count
+    assert sign_flip_test([1, 1, 1, -1]) == (1 - 6 / 16, True)  # |sum| >= 2 unless two plus, two minus
+    # 0.5, 1, -0.25: the 8 sums are +-1.75, +-1.25, +-0.75, +-0.25; |sum| >= 1.25 in 4 of them
+    assert sign_flip_test([0.5, 1.0, -0.25]) == (pytest.approx(4 / 8), True)
+    assert sign_flip_test([0, 0]) == (1.0, True)
+    rng = np.random.default_rng(3)
+    d = rng.normal(0.2, 1.0, 14)
+    exact, _ = sign_flip_test(d)
+    approx, is_exact = sign_flip_test(d, exact_up_to=5, n_resamples=200_000)
+    assert not is_exact and approx == pytest.approx(exact, abs=0.005) and 0.01 < exact < 0.99
+    p, is_exact = sign_flip_test([1.0] * 25)  # 2 / 2^25 exactly; Monte Carlo reports (1 + 0) / (1 + R)
+    assert not is_exact and p == pytest.approx(1 / 100_001)
+
+
+def test_game_estimate_resamples_games_with_all_their_seeds():
+    # game a wins under every seed, game b never: 6 episodes, but only 2 independent games
+    table = per_game([{"episode_id": g, "seed": s, "success": g == "a"} for g in "ab" for s in range(3)], "success")
+    est = game_estimate(table)
+    assert (est.mean, est.n_games, est.n_seeds, est.std_over_seeds) == (0.5, 2, 3, 0.0)
+    # resampled pairs of games have means 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4: the 95% interval is [0, 1]
+    assert est.ci95 == (0.0, 1.0)
+    # what treating the 6 episodes as independent would claim (narrower) and the old t interval over seeds
+    assert 0.0 < bootstrap_ci([1, 1, 1, 0, 0, 0])[0] and bootstrap_ci([1, 1, 1, 0, 0, 0])[1] < 1.0
+    assert mean_std_ci([0.5, 0.5, 0.5]).ci95 == (0.5, 0.5)
+    # per-game means first: a game seen under 2 seeds weighs as much as one seen under 1
+    uneven = game_estimate({"a": {0: 1.0, 1: 0.0}, "b": {0: 1.0}})
+    assert uneven.mean == 0.75 and uneven.per_seed == {0: 1.0, 1: 0.0} and uneven.std_over_seeds == pytest.approx(0.7071, abs=1e-4)
+
+
+def _games_run(folder: Path, model: str, outcomes: dict[str, list[int]], **kw) -> Path:
+    """One record per (game, seed) from ``{game: [success under seed 0, 1, ...]}``."""
+    recs = [record(g, s, bool(w), task_type=TYPES[i % 2]) for i, (g, ws) in enumerate(outcomes.items())
+            for s, w in enumerate(ws)]
+    return write_run(folder, model, recs, **kw)
+
+
+def test_paired_tests_over_games_do_not_claim_what_pooled_mcnemar_claims(tmp_path):
+    """6 games x 3 seeds. B wins games g0-g3 under every seed and g4 under seed 0; A wins nothing.
+    Pooling the 18 episodes as pairs, McNemar has b = 0, c = 13: p = 2 / 2^13 = 0.00024. Over games the
+    per-game differences are 1, 1, 1, 1, 1/3, 0: the sign-flip p is 2 / 2^5 = 0.0625 and per seed
+    McNemar has c = 5, 4, 4 games: p = 2/32, 2/16, 2/16. Not significant at 0.05."""
+    b_wins = {"g0": [1, 1, 1], "g1": [1, 1, 1], "g2": [1, 1, 1], "g3": [1, 1, 1], "g4": [1, 0, 0], "g5": [0, 0, 0]}
+    a = _games_run(tmp_path / "A", "base", {g: [0, 0, 0] for g in b_wins})
+    b = _games_run(tmp_path / "B", "tuned", b_wins)
+    pooled = mcnemar([0] * 18, [w for ws in b_wins.values() for w in ws])
+    assert (pooled.b, pooled.c) == (0, 13) and pooled.p_value == pytest.approx(2 / 2 ** 13)
+    result = compare(load_run(a), load_run(b), n_resamples=4000)
+    overall = result.results[0]
+    assert overall.n_games == 6 and overall.seeds == [0, 1, 2]
+    assert overall.success.p_value == pytest.approx(2 / 32) and overall.success.exact
+    assert {s: (t.b, t.c, t.p_value) for s, t in overall.mcnemar.items()} == {
+        0: (0, 5, pytest.approx(2 / 32)), 1: (0, 4, pytest.approx(2 / 16)), 2: (0, 4, pytest.approx(2 / 16))}
+    assert overall.success.mean_a == 0 and overall.success.mean_b == pytest.approx((4 + 1 / 3) / 6)
+    assert overall.success.diff.ci95 == pytest.approx(paired_bootstrap([0] * 6, [1, 1, 1, 1, 1 / 3, 0], 4000).ci95)
+    assert overall.score.p_value == pytest.approx(2 / 32)  # score is 0/1 here: the same test on score
+    # the leaderboard: mean over games with a game-bootstrap interval, std over the 3 per-seed means
+    row = next(r for r in leaderboard(find_runs([tmp_path])) if r.model == "tuned")
+    assert row.success_mean == pytest.approx(13 / 18) and row.games == 6
+    assert row.success_std_over_seeds == pytest.approx(mean_std_ci([5 / 6, 4 / 6, 4 / 6]).std)
+    assert row.success_ci95 == pytest.approx(bootstrap_ci([1, 1, 1, 1, 1 / 3, 0]))
+    assert row.success_ci95[0] < mean_std_ci([5 / 6, 4 / 6, 4 / 6]).ci95[0]  # wider than the old t over seeds
+
+
 # ---- leaderboard ---------------------------------------------------------------------------
 def test_leaderboard_rows_from_run_folders(tmp_path):
     seeded_run(tmp_path / "runs" / "small__alfworld-unseen", "small", [0.5, 0.6, 0.7], torn_tail=True)
@@ -119,11 +188,14 @@ def test_leaderboard_rows_from_run_folders(tmp_path):
     rows = leaderboard(runs)
     assert [r.model for r in rows] == ["big", "small"]  # best success first
     small = rows[1]
-    assert small.episodes == 30 and small.seeds == [0, 1, 2]  # the torn last line is skipped
-    assert small.success_mean == pytest.approx(0.6) and small.success_std == pytest.approx(0.1)
-    assert small.success_ci95 == pytest.approx(mean_std_ci([0.5, 0.6, 0.7]).ci95)
+    assert small.episodes == 30 and small.games == 10 and small.seeds == [0, 1, 2]  # the torn last line is skipped
+    # per game over seeds: ep0-4 always won, ep5 under 2 seeds, ep6 under 1, ep7-9 never
+    per_game_means = [1, 1, 1, 1, 1, 2 / 3, 1 / 3, 0, 0, 0]
+    assert small.success_mean == pytest.approx(0.6) and small.success_std_over_seeds == pytest.approx(0.1)
+    assert small.success_ci95 == pytest.approx(bootstrap_ci(per_game_means))
     assert small.invalid_rate == pytest.approx(3 / 120)  # one invalid turn per seed, 4 turns per episode
-    assert small.per_task_type[TYPES[0]]["n"] == 15 and small.date == "2026-11-20"
+    assert small.per_task_type[TYPES[0]]["n"] == 15 and small.per_task_type[TYPES[0]]["games"] == 5
+    assert small.date == "2026-11-20" and small.label == "small"
     assert find_runs([tmp_path / "runs" / "big__alfworld-unseen"])[0].model == "big"  # a run folder itself
 
 
@@ -132,11 +204,14 @@ def test_leaderboard_cli_formats(tmp_path):
     runner = CliRunner()
     md = runner.invoke(app, ["leaderboard", str(tmp_path), "--format", "markdown"])
     assert md.exit_code == 0, md.output
-    assert "| small | alfworld-unseen | 60.0 ± 10.0 |" in md.output
+    lo, hi = bootstrap_ci([1, 1, 1, 1, 1, 2 / 3, 1 / 3, 0, 0, 0])
+    assert f"| small | alfworld-unseen | 60.0 | [{100 * lo:.1f}, {100 * hi:.1f}] | 10.0 | 60.0 | 10 |" in md.output
+    assert "std over seeds" in md.output.splitlines()[0]
     rows = list(csv.DictReader(io.StringIO(runner.invoke(app, ["leaderboard", str(tmp_path), "--format", "csv"]).output)))
     assert len(rows) == 1 and float(rows[0]["success_mean"]) == pytest.approx(0.6) and rows[0]["seeds"] == "0 1 2"
+    assert float(rows[0]["success_std_over_seeds"]) == pytest.approx(0.1)
     table = runner.invoke(app, ["leaderboard", str(tmp_path)], env={"COLUMNS": "250"})
-    assert table.exit_code == 0 and "small" in table.output and "60.0 ± 10.0" in table.output
+    assert table.exit_code == 0 and "small" in table.output and "bootstrap" in table.output
     bad = runner.invoke(app, ["leaderboard", str(tmp_path), "--format", "xml"])
     assert bad.exit_code != 0 and "markdown" in bad.output
 
@@ -159,7 +234,8 @@ def test_run_folder_errors_are_clear(tmp_path):
 
 # ---- compare ----------------------------------------------------------------------------
 def _pair_runs(tmp_path: Path) -> tuple[Path, Path]:
-    """A and B on 20 shared pairs: b = 1 (A only), c = 9 (B only), 6 both, 4 neither; B has 2 extra pairs."""
+    """A and B on 20 games, one seed each (seed i % 2): 1 game only A wins, 9 only B, 6 both, 4 neither;
+    B has 2 extra episodes."""
     outcomes = [(1, 0)] + [(0, 1)] * 9 + [(1, 1)] * 6 + [(0, 0)] * 4
     ra = [record(f"ep{i}", i % 2, bool(a), task_type=TYPES[i % 2]) for i, (a, _) in enumerate(outcomes)]
     rb = [record(f"ep{i}", i % 2, bool(b), task_type=TYPES[i % 2]) for i, (_, b) in enumerate(outcomes)]
@@ -167,22 +243,27 @@ def _pair_runs(tmp_path: Path) -> tuple[Path, Path]:
     return write_run(tmp_path / "A", "base", ra), write_run(tmp_path / "B", "tuned", rb)
 
 
-def test_compare_pairs_shared_keys_with_mcnemar_and_bootstrap(tmp_path):
+def test_compare_pairs_games_with_sign_flip_mcnemar_per_seed_and_bootstrap(tmp_path):
     a, b = _pair_runs(tmp_path)
     result = compare(load_run(a), load_run(b), n_resamples=2000)
     overall = result.results[0]
-    assert (result.only_a, result.only_b) == (0, 2)
-    assert overall.n == 20 and (overall.mcnemar.b, overall.mcnemar.c) == (1, 9)
-    assert overall.mcnemar.p_value == pytest.approx(22 / 1024)
-    assert overall.success_a == pytest.approx(7 / 20) and overall.success_b == pytest.approx(15 / 20)
-    assert overall.score_diff.diff == pytest.approx(8 / 20)
-    assert 0 < overall.score_diff.ci95[0] < 0.4 < overall.score_diff.ci95[1]
+    assert (result.only_a, result.only_b) == (0, 2) and result.warnings == ["panel differs (22 vs 20 games)"]
+    assert overall.n_games == 20 and overall.seeds == [0, 1]
+    # one seed per game: the per-game differences are -1 once and +1 nine times; the sign-flip test is
+    # then McNemar's exact test: P(|sum| >= 8) = (1 + 10 + 10 + 1) / 2^10
+    assert overall.success.p_value == pytest.approx(22 / 1024)
+    # per seed (games of even index have seed 0): seed 0 b = 1, c = 4; seed 1 b = 0, c = 5
+    assert {s: (t.b, t.c) for s, t in overall.mcnemar.items()} == {0: (1, 4), 1: (0, 5)}
+    assert overall.mcnemar[0].p_value == pytest.approx(12 / 32) and overall.mcnemar[1].p_value == pytest.approx(2 / 32)
+    assert overall.success.mean_a == pytest.approx(7 / 20) and overall.success.mean_b == pytest.approx(15 / 20)
+    assert overall.score.diff.diff == pytest.approx(8 / 20)
+    assert 0 < overall.score.diff.ci95[0] < 0.4 < overall.score.diff.ci95[1]
     per_type = {r.group: r for r in result.results[1:]}
-    assert set(per_type) == set(TYPES) and sum(r.n for r in per_type.values()) == 20
-    assert sum(r.mcnemar.c for r in per_type.values()) == 9
+    assert set(per_type) == set(TYPES) and sum(r.n_games for r in per_type.values()) == 20
+    assert sum(t.c for r in per_type.values() for t in r.mcnemar.values()) == 9
 
 
-def test_compare_refuses_unpaired_or_different_env_runs(tmp_path):
+def test_compare_refuses_unpaired_or_different_env_runs_and_flags_other_settings(tmp_path):
     a = write_run(tmp_path / "A", "m", [record("ep0", 0, True)])
     other_seed = write_run(tmp_path / "B", "m", [record("ep0", 1, True)])
     other_env = write_run(tmp_path / "C", "m", [record("ep0", 0, True)], env_id="alfworld-seen")
@@ -192,66 +273,110 @@ def test_compare_refuses_unpaired_or_different_env_runs(tmp_path):
         compare(load_run(a), load_run(other_env))
     out = subprocess.run([SAGE, "compare", str(a), str(other_env)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "different envs" in out.stdout + out.stderr and "Traceback" not in out.stderr
+    greedy = write_run(tmp_path / "D", "m", [record("ep0", 0, False)], max_turns=4,
+                       decoding={"temperature": 0.0, "top_p": 1.0, "top_k": None, "max_new_tokens": 4096})
+    assert compare(load_run(a), load_run(greedy)).warnings == ["turn cap 4 vs 30", "decoding T=0.0, top_p=1.0, "
+                                                               "max_new=4096 vs T=0.4, top_p=1.0, max_new=4096"]
+    expert = write_run(tmp_path / "E", "expert", [record("ep0", 0, True)], model_kind="expert")
+    assert compare(load_run(a), load_run(expert)).warnings == []  # scripted: decoding does not apply
 
 
-def test_compare_cli_json(tmp_path):
+def test_compare_cli_json_and_table(tmp_path):
     a, b = _pair_runs(tmp_path)
     out = CliRunner().invoke(app, ["compare", str(a), str(b), "--format", "json", "--resamples", "500"])
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
-    assert data["results"][0]["mcnemar"]["c"] == 9 and data["results"][0]["group"] == "overall"
-    table = CliRunner().invoke(app, ["compare", str(a), str(b)], env={"COLUMNS": "250"})
-    assert "0.0215" in table.output and "2 only in B" in table.output
+    overall = data["results"][0]
+    assert overall["group"] == "overall" and overall["mcnemar_per_seed"]["1"]["c"] == 5
+    assert overall["success"]["p_value"] == pytest.approx(22 / 1024) and overall["success"]["p_exact"]
+    table = CliRunner().invoke(app, ["compare", str(a), str(b)], env={"COLUMNS": "300"})
+    assert "0.0215" in table.output and "2 only in B" in table.output and "s1: 0.0625 (0/5)" in table.output
 
 
 # ---- report -------------------------------------------------------------------------------
 def _report_runs(tmp_path: Path) -> Path:
+    """Two hf runs and the expert on one panel (6 games), and a run with another turn cap."""
     root = tmp_path / "runs"
-    seeded_run(root / "small__alfworld-unseen", "small", [0.5, 0.6, 0.7])
-    recs = [record(f"ep{i}", s, i % 3 == 0, task_type=TYPES[i % 2]) for s in range(2) for i in range(6)]
+    recs = [record(f"ep{i}", s, i % 3 == 0, task_type=TYPES[i % 2], turns=2 + i) for s in range(2) for i in range(6)]
     recs[1]["steps"][0].update(response="</script><script>alert(1)</script> <action>x</action>", action_valid=False,
                                invalid_reason="schema_violation", action=None)
     recs[1]["invalid_turns"]["schema_violation"] = 1
+    recs[2]["steps"][0].update(finish_reason="length", action_valid=False, invalid_reason="unparseable", action=None)
+    recs[2].update(finish_reasons={"length": 1, "stop": 3}, cut_invalid_turns={"unparseable": 1})
+    recs[2]["invalid_turns"]["unparseable"] = 1
     write_run(root / "big__alfworld-unseen", "big", recs)
+    write_run(root / "small__alfworld-unseen", "small",
+              [record(f"ep{i}", s, i == 0 and s == 0, task_type=TYPES[i % 2]) for s in range(2) for i in range(6)])
+    write_run(root / "expert__alfworld-unseen", "expert", [record(f"ep{i}", s, True, task_type=TYPES[i % 2])
+                                                           for s in range(2) for i in range(6)], model_kind="expert")
+    write_run(root / "big-cap4__alfworld-unseen", "big", [record(f"ep{i}", 0, False, task_type=TYPES[i % 2])
+                                                          for i in range(6)], max_turns=4)
     return root
 
 
-def test_wilson_interval_always_holds_the_rate():
-    from sage_evals.summary import wilson_interval
-
-    for n in range(1, 60):
-        for k in range(n + 1):
-            lo, hi = wilson_interval(k, n)
-            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)  # 0 of 6 gave lo = 2.8e-17 > 0
-
-
 def test_report_plots_runs_whose_interval_ends_round_past_the_mean(tmp_path):
-    """`sage report` on an expert run (4 of 4) and a random run (0 of 6), one seed each: no matplotlib crash."""
-    from sage_evals.leaderboard import Row
-    from sage_evals.report import _plots
+    """`sage report` on an expert run (4 of 4) and a random run (0 of 6), one seed each: no matplotlib crash,
+    also when an interval end lies past the mean by float rounding."""
+    from sage_evals.plots import Series, bars
 
     a = write_run(tmp_path / "A", "expert", [record(f"e{i}", 0, True) for i in range(4)])
     b = write_run(tmp_path / "B", "random", [record(f"e{i}", 0, False) for i in range(6)])
     result = CliRunner().invoke(app, ["report", str(a), str(b), "--out", str(tmp_path / "r.html")])
     assert result.exit_code == 0, result.output
     assert "<svg" in (tmp_path / "r.html").read_text()
-    row = Row("run", "m", "alfworld-unseen", 0.5, 0.1, (0.5 + 1e-12, 0.9), 0.5, 4, [0], 0.0, 0, "",
-              {TYPES[0]: {"n": 4, "success": 0.5, "score": 0.5}}, {0: 0.5})  # an end past the mean by rounding
-    assert "<svg" in _plots("alfworld-unseen", [load_run(a)], {"A": row})
+    assert "<svg" in bars("t", ["all"], [Series("m", [0.5], [0.5 + 1e-12], [0.9])])
 
 
-def test_report_is_self_contained_and_embeds_capped_trajectories(tmp_path):
+def test_legend_labels_name_model_and_settings_and_use_folders_only_to_break_ties(tmp_path):
+    from sage_evals.leaderboard import run_labels
+
+    recs = [record("ep0", 0, True)]
+    write_run(tmp_path / "step-2" / "seen", "student @ step 2", recs, env_id="alfworld-seen")
+    write_run(tmp_path / "step-2" / "unseen", "student @ step 2", recs)
+    write_run(tmp_path / "greedy", "smol", recs, decoding={"temperature": 0.0, "top_p": 1.0, "top_k": None,
+                                                           "max_new_tokens": 96})
+    write_run(tmp_path / "hot", "smol", recs)
+    write_run(tmp_path / "hot-again", "smol", recs)
+    assert run_labels(find_runs([tmp_path])) == {
+        "step-2/seen": "student @ step 2", "step-2/unseen": "student @ step 2",  # one per env: no tie
+        "greedy": "smol (T=0.0, top_p=1.0, max_new=96)",
+        "hot": "smol (T=0.4, top_p=1.0, max_new=4096) [hot]", "hot-again": "smol (T=0.4, top_p=1.0, max_new=4096) [hot-again]"}
+
+
+def _value_labels(svg: str) -> list[str]:
+    return re.findall(r'<g id="value-label-[^"]*">\s*<text[^>]*>([^<]*)</text>', svg)
+
+
+def test_report_groups_compares_and_embeds_capped_trajectories(tmp_path):
     runs = find_runs([_report_runs(tmp_path)])
-    page = render_report(runs, max_trajectories=5)
-    assert page.count("<svg") == 2 and "<?xml" not in page  # one env: per task type + per seed
+    page = render_report(runs, max_trajectories=5, baseline="small__alfworld-unseen")
     assert not EXTERNAL_URL.search(page), EXTERNAL_URL.search(page)
     assert page.count("</script>") == 2  # model text cannot close the data element
+    groups = re.findall(r'<section class="group"><h3>(.*?)</h3>', page)
+    assert groups == ["alfworld-unseen · 6 games · turn cap 30 · panel " + runs[0].settings["panel_sha256"][:8],
+                      "alfworld-unseen · 6 games · turn cap 4 · panel " + runs[0].settings["panel_sha256"][:8]]
+    first, second = page.split('<section class="group">')[1:3]
+    # legend names: model plus the setting that tells the two "big" runs apart; no folder names needed
+    assert "big (turn cap 30)" in first and "big (turn cap 4)" in second and "expert" in first
+    assert "Paired comparison: each run (B) against the baseline small (A)" in first
+    compare_rows = re.findall(r'<table class="compare">.*?</table>', first, re.S)[0]
+    assert compare_rows.count("<tr") == 3 and "big (turn cap 30)" in compare_rows  # header + big + expert
+    assert "Not comparable with the baseline small: big (turn cap 4): turn cap 4 vs 30" in second
+    assert first.count("<svg") == 4 and second.count("<svg") == 4  # task types, seeds, invalid causes, turns
+    # success per task type: "small" wins nothing on look_at_obj_in_light: its 0 is labelled and drawn
+    by_type = re.findall(r"<svg.*?</svg>", first, re.S)[0]
+    assert "success per task type (95% interval over games)" in by_type and "0" in _value_labels(by_type)
+    assert "100" in _value_labels(by_type)  # the expert
+    invalid = re.findall(r"<svg.*?</svg>", first, re.S)[2]
+    assert "cut at the token limit" in invalid and "unparseable (no action)" in invalid
+    settings = page.split("<h2>Runs</h2>")[1].split("<h2>Trajectories</h2>")[0]
+    assert "– (scripted agent)" in settings and "temperature=0.4" in settings
     data = json.loads(re.search(r'<script type="application/json" id="sage-data">(.*?)</script>', page, re.S).group(1))
-    assert {d["name"]: (len(d["episodes"]), d["total"]) for d in data} == {
-        "small__alfworld-unseen": (5, 30), "big__alfworld-unseen": (5, 12)}
+    assert {d["name"]: (len(d["episodes"]), d["total"]) for d in data}["big__alfworld-unseen"] == (5, 12)
     big = next(d for d in data if d["name"] == "big__alfworld-unseen")
-    assert big["episodes"][1]["steps"][0]["response"].startswith("</script>")
-    assert "60.0 ± 10.0" in page and "temperature=0.4" in page
+    assert big["episodes"][1]["steps"][0]["response"].startswith("</script>") and big["label"] == "big (turn cap 30)"
+    with pytest.raises(SageError, match="--baseline 'nope' is none of the runs"):
+        render_report(runs, baseline="nope")
 
 
 def _chromium() -> str:
@@ -276,9 +401,12 @@ def test_report_viewer_renders_in_headless_chromium(tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = dom.stdout
     assert 'data-episode="ep1"' in page and 'data-seed="0"' in page  # the viewer rendered the asked episode
-    assert page.count('class="step invalid"') == 1 and page.count('class="step valid"') == 3
+    assert page.count('class="step invalid"') == 1 and page.count('class="step valid"') == 2
     assert "invalid: schema_violation" in page and "&lt;/script&gt;&lt;script&gt;alert(1)" in page
     assert "12 of 12 episodes embedded" in page and "invalid turns: schema_violation 1" in page
+    assert "ended by turn cap" not in page and "ended by truncated" in page  # records of older runs: no end_reason
+    cut = _chrome(binary, tmp_path, "--dump-dom", out.resolve().as_uri() + "#run=big__alfworld-unseen&episode=ep2&seed=0")
+    assert "generation ended by length (cut at the token limit)" in cut.stdout
     shot = tmp_path / "report.png"
     _chrome(binary, tmp_path, f"--screenshot={shot}", "--window-size=1280,2000", url)
     assert shot.is_file() and shot.stat().st_size > 10_000
@@ -318,6 +446,7 @@ def test_report_on_a_run_of_real_alfworld_episodes(tmp_path):
     assert rows["expert"].success_mean == 1.0 and rows["expert"].invalid_rate == 0
     assert rows["sloppy-expert"].invalid_rate > 0
     c = compare(load_run(runs["expert"]), load_run(runs["sloppy-expert"]), n_resamples=200)
-    assert c.results[0].n == 2 and c.results[0].mcnemar.b == sum(not r["success"] for r in load_run(runs["sloppy-expert"]).episodes)
+    assert c.results[0].n_games == 2
+    assert c.results[0].mcnemar[0].b == sum(not r["success"] for r in load_run(runs["sloppy-expert"]).episodes)
     page = render_report(find_runs([tmp_path / "runs"]))
     assert "Nothing happened" in page  # the real invalid-turn feedback is embedded

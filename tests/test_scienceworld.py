@@ -154,6 +154,29 @@ def test_ambiguity_menu_numbers_are_valid_only_while_a_menu_is_open(env):
         u.max_turns = 30
 
 
+def test_play_as_a_human_shows_the_task_and_menu_answers_and_help_are_free(env):
+    """`sage play`: the task text is shown (the first observation does not state it); `help` and the number
+    that answers an ambiguity menu cost no turn; a command the game does not know is told to a person."""
+    from typer.testing import CliRunner
+
+    from sage_cli.main import app
+
+    episode_id = first_of("unseen", "grow-plant")
+    env.reset(options={"episode_id": episode_id})
+    plan = env.unwrapped.expert_actions()
+    task = env.unwrapped._episode.task
+    menu = next(i for i, a in enumerate(plan) if a.isdigit())
+    typed = ["help", *plan[:menu + 1], "fly away", "quit"]
+    out = CliRunner().invoke(app, ["play", "--env", "scienceworld-unseen", "--episode", episode_id],
+                             input="\n".join(typed) + "\n", env={"COLUMNS": "400"})
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.split())
+    assert f"Task: {' '.join(task.split())}" in text
+    assert "commands (help costs no turn)" in text and "menu answer: no turn used" in text
+    assert "'fly away' is not a command this game knows" in text and "Reply with your reasoning" not in text
+    assert "Result: not won, score" in text and f"{menu + 1} turns (quit)" in text  # the menu answer was free
+
+
 def test_failure_scores_zero_and_turn_cap_truncates(env):
     env.reset(options={"episode_id": first_of("unseen", "find-animal")})
     _, reward, terminated, truncated, info = act(env, "focus on air")  # air is not an animal: the task fails

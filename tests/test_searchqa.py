@@ -19,6 +19,7 @@ from gymnasium.utils.env_checker import check_env
 from typer.testing import CliRunner
 
 import sage_gym
+from sage_cli.main import app as sage_app
 from sage_gym.envs import searchqa
 from sage_gym.envs.searchqa import (SearchR1Formatter, exact_match, f1_score, load_questions, normalize_answer)
 from sage_gym.envs.searchqa_demo import SEED, build_world
@@ -183,6 +184,31 @@ def test_search_observation_and_unmatched_query():
 @pytest.mark.parametrize("prompt_format", ["react", "search-r1"])
 def test_check_env_passes(prompt_format):
     check_env(sage_gym.make("searchqa-demo", prompt_format=prompt_format).unwrapped, skip_render_check=True)
+
+
+@pytest.mark.parametrize("formatter", [sage_gym.ReActFormatter(), SearchR1Formatter()], ids=["react", "search-r1"])
+def test_invalid_feedback_copied_verbatim_is_no_action(formatter):
+    """The feedback restates the format in words: echoing it (alone or after some reasoning) parses to nothing,
+    where a literal tag pair in it would have been read as an action (or a search)."""
+    for reason in ("empty", "unparseable", "schema_violation"):
+        feedback = formatter.invalid_feedback(reason)
+        for echo in (feedback, "I see. " + feedback):
+            parsed = formatter.parse(echo)
+            assert parsed.action is None and parsed.invalid_reason == "unparseable", (reason, echo)
+
+
+def test_play_keeps_brackets_and_shows_the_gold_answer():
+    """`sage play`: rich markup must not swallow `[...]` (a lower-case query reads like a style tag), and the
+    end of an episode shows the gold answer."""
+    env = sage_gym.make("searchqa-demo")
+    episode_id = env.unwrapped.episode_ids[0]
+    gold = env.unwrapped.items[episode_id].golden_answers
+    env.close()
+    out = CliRunner().invoke(sage_app, ["play", "--env", "searchqa-demo", "--episode", episode_id],
+                             input="search[who founded the city]\nanswer[nobody knows]\n", env={"COLUMNS": "300"})
+    assert out.exit_code == 0, out.output
+    assert "> search[who founded the city]" in out.output and "> answer[nobody knows]" in out.output
+    assert f"Gold answer{'s' if len(gold) > 1 else ''}: {' | '.join(gold)}" in out.output
 
 
 def test_search_r1_format_parse_stop_and_information():

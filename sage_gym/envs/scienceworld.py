@@ -327,7 +327,8 @@ class ScienceWorldEnv(TextEnv):
         points = int(round(100 * self._call("getScore")))
         completed = bool(self._call("getCompleted"))
         return GameStep(observation=observation, score=max(points, 0) / 100, done=completed or points < 0,
-                        won=completed and points == 100, extra={"points": points})
+                        won=completed and points == 100,
+                        extra={"points": points, "ambiguous": self._ambiguous})  # a numbered menu awaits an answer
 
     def is_valid_action(self, action: str) -> bool:
         text = normalize(action)

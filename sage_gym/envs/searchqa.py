@@ -22,7 +22,7 @@ from typing import Any
 
 from sage_gym.core import EpisodeStart, GameStep, TextEnv
 from sage_gym.envs.searchqa_demo import N_TEST_MULTI, N_TEST_SINGLE
-from sage_gym.errors import DataNotFoundError, SageError
+from sage_gym.errors import DataNotFoundError, SageError, install_hint
 from sage_gym.formatting import EMPTY, SCHEMA_VIOLATION, UNPARSEABLE, ReActFormatter
 from sage_gym.registry import EnvSpec, add_discoverer, list_envs, register
 from sage_gym.retrieval import Passage, Retriever, build_bm25s_index, format_passages, load_retriever
@@ -95,10 +95,10 @@ class SearchR1Formatter(ReActFormatter):
 
     def invalid_feedback(self, reason: str) -> str:
         problem = {EMPTY: "My previous response was empty.",
-                   UNPARSEABLE: "My previous response did not contain exactly one <search> or <answer> block.",
+                   UNPARSEABLE: "My previous response did not contain exactly one search block or answer block.",
                    SCHEMA_VIOLATION: "My previous search query or answer was empty."}[reason]
-        return (f"\n{problem} To search, I should put the query between <search> and </search>. To give the final "
-                "answer, I should put it between <answer> and </answer>. Let me try again.\n")
+        return (f"\n{problem} To search, I should put the query inside a search tag pair. To give the final "
+                "answer, I should put it inside an answer tag pair, as the instructions show. Let me try again.\n")
 
     def format_information(self, text: str) -> str:
         return f"<information>{text}</information>"
@@ -216,7 +216,7 @@ def find_split_file(dataset: str, split: str, data_dir: str | Path | None = None
         f"no {split} questions for searchqa-{dataset}: expected {folder}/{split}.jsonl (FlashRAG "
         f"{{id, question, golden_answers}}) or {folder}/{split}.parquet (Search-R1). Install it with "
         f"`sage retriever fetch-qa --dataset {dataset} --split {fetch_split}` (needs network and "
-        "`pip install 'sage-agents[datasets]'`), copy your own files there, or set $SAGE_DATA / data_dir. "
+        f"`{install_hint('datasets')}`), copy your own files there, or set $SAGE_DATA / data_dir. "
         "See docs/searchqa.md."
     )
 
@@ -227,7 +227,7 @@ def fetch_from_hub(dataset: str, split: str | None = None, data_dir: str | Path 
     try:
         import datasets
     except ImportError as err:
-        raise SageError("fetching QA data needs the `datasets` package: pip install 'sage-agents[datasets]'") from err
+        raise SageError(f"fetching QA data needs the `datasets` package: {install_hint('datasets')}") from err
     rows = datasets.load_dataset(HUB_REPO, HUB_NAMES.get(dataset, dataset), split=split)
     out = data_root(data_dir) / dataset / f"{split}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
