@@ -189,7 +189,7 @@ def train_run(study: Study, method: MethodConfig, seed: int) -> dict[str, Any]:
     from sage_opd.trainer import Trainer
 
     cfg = train_config(study, method, seed)
-    trainer = Trainer(cfg, resume=Path(cfg.log.out_dir, "checkpoints").is_dir())
+    trainer = Trainer(cfg, resume=Path(cfg.log.out_dir).exists())  # the study owns the folder: continue it
     with _StepBar(f"train {method.name} seed {seed}", total=cfg.optim.steps, done=trainer.step) as bar:
         history = trainer.train(on_step=lambda m: bar.update(m["step"] + 1, cfg.optim.steps, m.get("loss")))
     steps = [m["time/step"] for m in history]
