@@ -124,3 +124,29 @@ def corpus(records: Iterable[dict]) -> Iterable[str]:
     for record in records:
         for message in record["messages"]:
             yield message["content"]
+
+
+def object_names() -> list[str]:
+    """ALFWorld's portable object classes (lower case, one word), the names ``swap_object`` draws from."""
+    import alfworld.gen.constants as constants
+
+    receptacles = {r.lower() for r in constants.RECEPTACLES}
+    return sorted({o.lower() for o in constants.OBJECTS} - receptacles)
+
+
+def swap_object(example: ChatExample, episode_id: str, rng: random.Random) -> ChatExample | None:
+    """The episode with its target object's name replaced everywhere by another object class that it never
+    mentions: the same play, but the object can only be known by reading the task, so a model trained on
+    such copies learns to copy it (tiny models otherwise fall back on which objects are likely)."""
+    import re
+
+    from sage_gym.envs.alfworld_expert import task_params
+
+    target = task_params(episode_id)["object_target"]
+    text = " ".join(m["content"] for m in example.messages)
+    options = [o for o in object_names() if not re.search(rf"\b{o}\b", text)]
+    if not re.search(rf"\b{target}\b", text) or not options:
+        return None
+    other = rng.choice(options)
+    messages = [{**m, "content": re.sub(rf"\b{target}\b", other, m["content"])} for m in example.messages]
+    return ChatExample(messages, example.train_turns)

@@ -141,5 +141,5 @@ def test_faster_text_generation_and_disk_cache_reproduce_stock_textworld(alfworl
     assert len(stock) > 10 and all(row[0] for row in stock)
     assert run("gym", None) == stock and not (tmp_path / "alfworld-reset").exists()
     assert run("gym", "0") == stock  # cold: translated, then saved
-    assert len(list((tmp_path / "alfworld-reset").glob("*.pkl"))) == 2
+    assert len(list((tmp_path / "alfworld-reset").glob("*.pkl.z"))) == 2
     assert run("gym", "0") == stock  # warm from disk

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,7 @@ class HandCodedExpert:
         self._policy = None
         self._rng = random.Random(0)
         self._last = ""
+        self.goal = ""
 
     def reset(self, episode_id: str, state) -> ExpertDecision | None:
         from alfworld.agents.expert.handcoded_expert_tw import HandCodedTWAgent
@@ -96,8 +98,10 @@ class HandCodedExpert:
         policy_class = _move_aware(HandCodedTWAgent().get_task_policy(params))
         self._policy = policy_class(params, max_steps=self.max_steps)
         self._policy.observe(state["feedback"])  # the intro lists the receptacles
+        match = re.search(r"Your task is to: (.*?)\.?\s*$", state["feedback"].strip())
+        self.goal = match.group(1) if match else ""
         self._last = ""
-        self.decision = ExpertDecision("look", "I look around to see where I am.")  # ALFWorld's expert starts so
+        self.decision = ExpertDecision("look", self.explain("look"))  # ALFWorld's expert starts so
         return self.decision
 
     def observe(self, action: str, state) -> ExpertDecision | None:
@@ -127,8 +131,13 @@ class HandCodedExpert:
         return ExpertDecision(action, self.explain(action))
 
     def explain(self, action: str) -> str:
-        """A short reason for ``action`` in the expert's words, from its subgoal and memory (for its own
-        choices, and for any other action so that both read alike)."""
+        """The expert's thought for ``action``: the goal restated (so that a reader of the last turn has it at
+        hand) and a short reason from its subgoal and memory. Used for its own moves and for any other
+        move, so that both read alike."""
+        reason = self._reason(action)
+        return f"Goal: {self.goal}. {reason}" if self.goal else reason
+
+    def _reason(self, action: str) -> str:
         p = self._policy
         params = p.task_params
         obj = params["object_target"]
@@ -162,4 +171,4 @@ class HandCodedExpert:
             return f"I hold the {obj}. I turn on {rest} to look at it."
         if verb == "examine":
             return f"I look at {rest} more closely."
-        return "I look around."
+        return "I look around to see where I am."
