@@ -177,7 +177,8 @@ class AlfredGame:
         p, st = self._pddl, self._pddl._pddl_state
         entry = {
             "env": {k: getattr(p, k) for k in ("_game_data", "_game_file", "walkthrough", "_logic", "_entity_infos")},
-            "pddl_state": {k: v for k, v in vars(st).items() if k not in ("_operators", "downward_lib")},
+            # a snapshot: the live state mutates its fact sets in place as the game is played
+            "pddl_state": {k: _snapshot(v) for k, v in vars(st).items() if k not in ("_operators", "downward_lib")},
             "game_state": copy.copy(self.state),
         }
         self._to_disk(game_file, entry)
@@ -214,6 +215,16 @@ class AlfredGame:
         p._pddl_state, p.prev_state, p._last_action, p._moves = state, None, None, 0
         p.state = copy.copy(entry["game_state"])
         return p.state
+
+
+def _snapshot(value):
+    """A copy of a PddlState attribute that later play cannot change: dicts of sets and counters copied one
+    level down (their sets hold immutable propositions and variables), anything else as is."""
+    if isinstance(value, Counter):
+        return Counter(value)
+    if isinstance(value, dict):
+        return {k: set(v) if isinstance(v, set) else v for k, v in value.items()}
+    return value
 
 
 class AlfWorldEnv(TextEnv):
