@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from sage_evals.models import HFPolicy, smollm2_path
-from sage_evals.policy import Decoding
+from sage_models import HFPolicy, smollm2_path
+from sage_models.policy import Decoding
 from sage_evals.runner import evaluate
 
 

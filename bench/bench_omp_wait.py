@@ -16,8 +16,8 @@ import sys
 
 PROBE = """
 import sys, time, torch
-from sage_evals.models import load_policy
-from sage_evals.policy import Decoding
+from sage_models import load_policy
+from sage_models.policy import Decoding
 torch.set_num_threads(int(sys.argv[1]))
 policy = load_policy("smollm2-135m")
 chat = [{"role": "user", "content": "Describe a kitchen in great detail. " * 40}]

@@ -43,8 +43,8 @@ def run(algorithm: str, tmp: Path, paths: dict, args, extra: list[str]) -> list[
 
 
 def fixed_batch(paths: dict, tmp: Path, args) -> Path:
-    from sage_evals.models import HFPolicy
-    from sage_evals.policy import Decoding
+    from sage_models import HFPolicy
+    from sage_models.policy import Decoding
     from sage_opd.rollout import RolloutBatch, RolloutCollector
 
     collector = RolloutCollector("alfworld-train", args.episodes, max_turns=args.max_turns)
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from sage_evals.tiny_models import build_tiny_models
+    from sage_models.tiny import build_tiny_models
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

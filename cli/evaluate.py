@@ -59,8 +59,8 @@ def evaluate(
                                           help="Exit with code 3 when more than this share of episodes errored."),
 ) -> None:
     """Evaluate a model on an env panel: writes episodes.jsonl as it goes and summary.json at the end."""
-    from sage_evals.models import SCRIPTED
-    from sage_evals.policy import Decoding
+    from sage_models import SCRIPTED
+    from sage_models.policy import Decoding
     from sage_evals.runner import RunInterrupted, check_errors, default_out_dir, evaluate as run_evaluation
 
     if max_context is not None and (model.startswith("openai:") or model in SCRIPTED):
@@ -147,7 +147,7 @@ def serve_model(
     name: Optional[str] = typer.Option(None, help="Model name clients send (default: the spec)."),
 ) -> None:
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
-    from sage_evals.openai_server import serve
+    from sage_models.server import serve
 
     console.print(f"serving {model} at http://{host}:{port}/v1 (Ctrl-C stops)")
     serve(model, host, port, name)

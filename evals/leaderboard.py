@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sage_evals.models import SCRIPTED
+from sage_models import SCRIPTED
 from sage_evals.stats import McNemar, PairedGames, mcnemar, paired_games, per_game
 from sage_evals.summary import metric_summary, task_type_summary, turn_counts
 from sage_gym.durable import RunFileError, read_jsonl

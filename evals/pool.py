@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from sage_evals.policy import CUT
+from sage_models.policy import CUT
 from sage_gym.formatting import INVALID_REASONS
 from sage_gym.procs import fixed_hash_seed
 from sage_gym.registry import EnvSpec
@@ -93,7 +93,7 @@ def _play(env, episode_id: str, seed: int, agent_name: str, agent_kwargs: dict) 
     """A whole episode of a scripted agent (it needs the env, so it runs here)."""
     from sage_gym.agents import AGENTS, make_agent
 
-    from sage_evals.models import turn_seed
+    from sage_models import turn_seed
 
     seeded = getattr(AGENTS.get(agent_name), "seeded", False)
     kwargs = {"seed": turn_seed(seed, episode_id, 0), **agent_kwargs} if seeded else agent_kwargs

@@ -19,8 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from sage_evals.models import SCRIPTED, ScriptedAgent, load_policy, policy_kind, turn_seed
-from sage_evals.policy import PROMPT_TOO_LONG, Decoding, Policy
+from sage_models import SCRIPTED, ScriptedAgent, load_policy, policy_kind, turn_seed
+from sage_models.policy import PROMPT_TOO_LONG, Decoding, Policy
 from sage_evals.prompting import PromptOptions
 from sage_evals.pool import CONTEXT_LIMIT, ERROR, EnvPool, WorkerFailed
 from sage_evals.summary import summarize

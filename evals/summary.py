@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any, Iterable
 
-from sage_evals.policy import CUT, FINISH_REASONS
+from sage_models.policy import CUT, FINISH_REASONS
 from sage_evals.stats import game_estimate, per_game
 from sage_gym.formatting import INVALID_REASONS
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sage_evals.models import chat_text
+from sage_models import chat_text
 from sage_gym.formatting import INVALID_REASONS
 
 MODES = ("judge", "all", "random", "inverted")

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import sage_gym
-from sage_evals.models import turn_seed
-from sage_evals.policy import PROMPT_TOO_LONG, Decoding, Policy
+from sage_models import derive_seed, turn_seed
+from sage_models.policy import PROMPT_TOO_LONG, Decoding, Policy
 from sage_gym.agents import ExpertAgent
 from sage_gym.errors import EnvCrashedError, SageError
 from sage_gym.procs import fixed_hash_seed
@@ -77,11 +77,6 @@ class RolloutBatch:
             turns = [TurnRecord(**t) for t in ep.pop("turns")]
             episodes.append(EpisodeRecord(**ep, turns=turns))
         return cls(episodes)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed from integers (seed, step, rank, ...) that differs for every tuple."""
-    return random.Random(":".join(map(str, parts))).getrandbits(31)
 
 
 def _coin(*parts: int) -> float:

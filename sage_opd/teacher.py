@@ -122,16 +122,26 @@ def make_batch(turns: Sequence, pad_id: int, device: str | torch.device | None =
 
 
 def lm_hidden_states(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final hidden states [B, T, H] (after the last norm) and the lm_head weight [V, H], without full logits."""
+    """Final hidden states [B, T, H] (after the last norm) and the lm_head weight [V, H], without full logits.
+
+    On a CPU, rows of different lengths run one at a time without a padding mask: torch's fast CPU
+    attention kernel takes no mask, and the masked one materialises [T, T] scores (about 10x slower
+    on packed 3k-token episodes). Positions past a row's end hold zeros."""
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if getattr(model.config, attr, None) not in (None, 1, 1.0):
             raise ValueError(f"{type(model).__name__} post-processes its logits ({attr}); the chunked losses "
                              "assume logits = hidden @ lm_head.weight.T")
-    out = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ValueError("an lm_head with a bias is not supported by the chunked losses")
-    return out.last_hidden_state, head.weight
+    decoder = model.get_decoder()
+    lengths = batch.attention_mask.sum(1).tolist()
+    if batch.input_ids.device.type != "cpu" or len(set(lengths)) == 1:
+        mask = None if min(lengths) == batch.input_ids.shape[1] else batch.attention_mask
+        return decoder(input_ids=batch.input_ids, attention_mask=mask).last_hidden_state, head.weight
+    rows = [decoder(input_ids=batch.input_ids[b:b + 1, :n]).last_hidden_state[0] for b, n in enumerate(lengths)]
+    hidden = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    return F.pad(hidden, (0, 0, 0, batch.input_ids.shape[1] - hidden.shape[1])), head.weight
 
 
 def check_same_tokenizer(student_tok, teacher_tok) -> None:

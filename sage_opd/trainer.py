@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sage_evals.policy import Decoding
+from sage_models.policy import Decoding
 from sage_gym.durable import FolderLock, append_jsonl, read_jsonl, replace_dir, restore_aside, write_jsonl
 from sage_gym.errors import SageError, install_hint
 from sage_gym.formatting import INVALID_REASONS
@@ -37,7 +37,8 @@ from sage_opd.algorithms import MicroResult, imitated, micro_batch_loss, reverse
 from sage_opd.config import ConfigError, TrainConfig, save_config
 from sage_opd.losses import DenseTeacher
 from sage_opd.parallel import all_reduce_gradients, full_state_dict, init_distributed, shard_fsdp, to_float
-from sage_opd.rollout import RolloutBatch, RolloutCollector, TurnRecord, check_train_split, derive_seed, guided_beta
+from sage_models import derive_seed
+from sage_opd.rollout import RolloutBatch, RolloutCollector, TurnRecord, check_train_split, guided_beta
 from sage_opd.teacher import TurnIds, check_same_tokenizer, lm_hidden_states, make_batch
 
 CHECKPOINT_PREFIX = "step-"
@@ -60,11 +61,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_model_path(path: str) -> str:
-    """``tiny:student`` / ``tiny:teacher``: the tiny offline models of ``sage_evals.tiny_models`` (built once
+    """``tiny:student`` / ``tiny:teacher``: the tiny offline models of ``sage_models.tiny`` (built once
     under $SAGE_CACHE/models/tiny); anything else is a model folder or a hub id in the local cache."""
     if path.startswith("tiny:"):
-        from sage_evals.models import models_cache
-        from sage_evals.tiny_models import build_tiny_models
+        from sage_models import models_cache
+        from sage_models.tiny import build_tiny_models
 
         paths = build_tiny_models(models_cache() / "tiny")
         name = path.removeprefix("tiny:")
@@ -72,7 +73,7 @@ def resolve_model_path(path: str) -> str:
             raise ConfigError(f"unknown tiny model {path!r}; use tiny:student or tiny:teacher")
         return str(paths[name])
     if Path(path).expanduser().exists():  # a local folder: a clear error unless it holds a model
-        from sage_evals.models import check_model_folder
+        from sage_models import check_model_folder
 
         check_model_folder(Path(path).expanduser())
     return path
@@ -299,7 +300,7 @@ class Trainer:
 
     def student_policy(self, name: str = "student"):
         """The live student as a ``sage_evals`` policy (generation reads the current weights)."""
-        from sage_evals.models import HFPolicy
+        from sage_models import HFPolicy
 
         return HFPolicy(model=self.rollout_model or self.model, tokenizer=self.tokenizer, name=name)
 
@@ -317,7 +318,7 @@ class Trainer:
         return out.hidden_states[-1], self.model.get_output_embeddings().weight
 
     def teacher_policy(self):
-        from sage_evals.models import HFPolicy
+        from sage_models import HFPolicy
 
         return HFPolicy(model=self.teacher.model, tokenizer=self.teacher.tokenizer, name="teacher")
 

@@ -35,6 +35,7 @@ class DataConfig:
     expert: int = 600  # the hand-coded expert: the teacher's imitation data
     noisy: int = 200  # the expert with epsilon-random mistakes: its recoveries (imitation) and judge examples
     epsilon: float = 0.25
+    swaps: int = 3  # copies of each teacher imitation episode with the target object renamed (data.swap_object)
     warm: int = 8  # expert episodes the student is warm-started on (so that it writes valid actions)
     judge: int = 150  # warm-student rollouts labelled by the expert: judge examples
     heldout: int = 60  # games whose noisy and student turns measure the judge (never trained on)

@@ -84,6 +84,16 @@ def imitation_examples(records: Iterable[dict]) -> list[ChatExample]:
     return out
 
 
+def with_swaps(records: Iterable[dict], swaps: int, seed: int) -> list[ChatExample]:
+    """Imitation examples of ``records`` plus ``swaps`` object-renamed copies of each (``swap_object``)."""
+    rng, out = random.Random(seed), []
+    for record in records:
+        for example in imitation_examples([record]):
+            out.append(example)
+            out += [s for s in (swap_object(example, record["episode_id"], rng) for _ in range(swaps)) if s]
+    return out
+
+
 def needs_correction(step: dict) -> bool:
     """The judge's label for a valid turn: Yes when it did not play the expert's move from that state, or when
     the game answered that nothing happened."""

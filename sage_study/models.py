@@ -31,7 +31,7 @@ def prompt_texts() -> list[str]:
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
     """A byte-level BPE tokenizer with the ChatML template, trained on ``texts`` plus the prompt texts.
     ``</action>`` stays ordinary text (it is the stop string, not a special token)."""
-    from sage_evals.tiny_models import build_tokenizer
+    from sage_models.tiny import build_tokenizer
 
     def corpus():
         yield from texts
@@ -42,7 +42,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
 
 def new_model(tokenizer, arch: Arch, seed: int):
     """A randomly initialised Llama of ``arch`` over ``tokenizer``'s vocabulary."""
-    from sage_evals.tiny_models import build_model
+    from sage_models.tiny import build_model
 
     return build_model(tokenizer, "student", seed=seed, **vars(arch))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sage_evals.models import chat_text
+from sage_models import chat_text
 
 IGNORE = -100
 
@@ -117,7 +117,6 @@ def train_sft(model, tokenizer, examples: Sequence[ChatExample], cfg: SftConfig,
     warmup = max(1, int(cfg.warmup * total))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     model.train()
     step, epoch_losses = 0, []
@@ -125,29 +124,26 @@ def train_sft(model, tokenizer, examples: Sequence[ChatExample], cfg: SftConfig,
         for batch in batches(lengths, cfg.batch_tokens, rng):
             if step >= total:
                 break
-            width = max(lengths[i] for i in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                n = lengths[i]
-                ids[row, :n] = torch.tensor(encoded[i][0])
-                labels[row, :n] = torch.tensor(encoded[i][1])
-                mask[row, :n] = 1
-            ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-            target = labels[:, 1:]
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                                   ignore_index=IGNORE)
-            loss.backward()
+            # one row at a time, no padding mask (the fast CPU attention kernel takes none); gradients of the
+            # batch's mean token loss accumulate over its rows
+            n_batch = sum(sum(label != IGNORE for label in encoded[i][1][1:]) for i in batch)
+            total_loss = 0.0
+            for i in batch:
+                ids = torch.tensor([encoded[i][0]], device=device)
+                target = torch.tensor([encoded[i][1][1:]], device=device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+                    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                                       ignore_index=IGNORE, reduction="sum") / max(n_batch, 1)
+                loss.backward()
+                total_loss += float(loss.detach())
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            result.tokens_trained += int((target != IGNORE).sum())
-            last = loss.item()
+            result.tokens_trained += n_batch
+            last = total_loss
             epoch_losses.append(last)
             if step % per_epoch == 0 or step == total:
                 result.losses.append(sum(epoch_losses) / len(epoch_losses))

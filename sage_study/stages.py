@@ -6,7 +6,7 @@ import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sage_evals.policy import Decoding
+from sage_models.policy import Decoding
 from sage_study import data as D
 from sage_study.config import MethodConfig
 
@@ -115,7 +115,7 @@ def _judge_data(study: Study, games: set[str]) -> list:
 def train_teacher(study: Study) -> dict[str, Any]:
     """The teacher: imitation of the expert (and of its recoveries in noisy play) plus judgment examples."""
     cfg, games = study.cfg, study.games()
-    imitation = D.imitation_examples(_records(study, "expert") + _records(study, "noisy"))
+    imitation = D.with_swaps(_records(study, "expert") + _records(study, "noisy"), cfg.data.swaps, cfg.data.seed)
     labelled = D.balance(_judge_data(study, set(games["noisy"]) | set(games["judge"])), cfg.data.seed)
     labelled = labelled[:int(cfg.teacher.judge_share * len(imitation))]
     examples = imitation + D.judge_examples(labelled, _history_messages(study))

@@ -41,6 +41,6 @@ def _alfworld_env_var(alfworld_data):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """A tiny student and a larger tiny teacher sharing one tokenizer (built offline, cached per session)."""
-    from sage_evals.tiny_models import build_tiny_models
+    from sage_models.tiny import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))

@@ -14,8 +14,8 @@ import psutil
 import pytest
 
 import sage_gym
-from sage_evals.models import HFPolicy
-from sage_evals.policy import Decoding
+from sage_models import HFPolicy
+from sage_models.policy import Decoding
 from sage_evals.runner import RunSettingsMismatch, evaluate
 from sage_evals.stats import bootstrap_ci
 from sage_evals.summary import summarize
@@ -190,7 +190,7 @@ def test_system_prompt_and_fewshot_shape_the_prompt_and_are_checked_on_resume(ti
 def test_progress_counts_turns_tokens_and_an_eta_before_any_episode_ends():
     """The ETA comes from turns played, so it exists while episodes are in flight (none finished yet: it
     assumes the turn cap) and uses the finished episodes' mean length once there are some."""
-    from sage_evals.policy import Generation
+    from sage_models.policy import Generation
     from sage_evals.runner import _Progress
 
     bar = _Progress(False, total=4, records=[], max_turns=10)

@@ -150,7 +150,7 @@ def test_prompt_shows_only_the_recent_history(teacher, tok):
 
 def test_answer_spellings_with_the_real_smollm2_tokenizer():
     """SmolLM2's tokenizer has four first tokens for each answer; p_yes sums them (not only 'Yes' = 10539)."""
-    from sage_evals.models import smollm2_path
+    from sage_models import smollm2_path
 
     smol = HFTeacher(smollm2_path())
     judge = TurnJudge(smol, smol.tokenizer)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from sage_evals.models import (ChatTemplateError, HFPolicy, MissingDependencyError, ModelNotFoundError, OpenAIPolicy,
+from sage_models import (ChatTemplateError, HFPolicy, MissingDependencyError, ModelNotFoundError, OpenAIPolicy,
                                ScriptedAgent, UnknownModelError, load_policy)
-from sage_evals.policy import Decoding
+from sage_models.policy import Decoding
 
 STOP = ["</action>"]
 
@@ -26,7 +26,7 @@ def lively(tiny_models, tmp_path_factory) -> Path:
     """A tiny model with larger random weights, so greedy outputs vary instead of repeating one token."""
     from transformers import AutoTokenizer
 
-    from sage_evals.tiny_models import build_model
+    from sage_models.tiny import build_model
 
     path = tmp_path_factory.mktemp("lively")
     tok = AutoTokenizer.from_pretrained(tiny_models["student"])
@@ -120,7 +120,7 @@ def test_generation_never_exceeds_the_context_window(lively, capfd):
 def test_context_window_is_read_like_lm_evaluation_harness():
     from transformers import GPT2Config, LlamaConfig
 
-    from sage_evals.models import context_window
+    from sage_models import context_window
 
     class Tok:
         model_max_length = 1024
@@ -138,6 +138,66 @@ def test_prompt_uses_chat_template_with_generation_prompt(tiny_models):
     text = policy.tokenizer.decode(policy.prompt_ids(_chats(1)[0]))
     assert text.startswith("<|im_start|>system\nrules of the house<|im_end|>")
     assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_prompts_are_token_in_token_out_across_turns(lively):
+    """Each turn's prompt is the previous prompt, the ids the model sampled and the template's text after
+    them, although re-tokenising the chat would split the random model's responses otherwise."""
+    from sage_models import chat_ids, chat_text
+
+    policy = HFPolicy(lively)
+    chat, previous, retokenised = _chats(1)[0], None, 0
+    for turn in range(4):
+        (gen,) = policy.generate([chat], Decoding(temperature=1.0, max_new_tokens=12, seed=turn), [])
+        if previous is not None:
+            assert gen.prompt_ids[:len(previous)] == previous  # the episode is one growing sequence
+            assert policy.tokenizer.decode(gen.prompt_ids) == chat_text(policy.tokenizer, chat)  # the same text
+            retokenised += chat_ids(policy.tokenizer, chat) != gen.prompt_ids
+        previous = gen.prompt_ids + gen.token_ids
+        chat = chat + [{"role": "assistant", "content": gen.text}, {"role": "user", "content": f"feedback {turn}"}]
+    assert policy.history.continued == 3 and retokenised >= 1  # the check is not vacuous
+
+
+def _play(policy, decoding, turns: int = 5) -> list[list[list[int]]]:
+    """Three conversations of different lengths played for ``turns`` turns in one batch: each turn's token ids."""
+    chats, out = _chats(3), []
+    for turn in range(turns):
+        gens = policy.generate(chats, decoding, STOP, seeds=[7 * turn + k for k in range(3)])
+        out.append([g.token_ids for g in gens])
+        chats = [c + [{"role": "assistant", "content": g.text}, {"role": "user", "content": f"you see {k} things " * (turn + k)}]
+                 for k, (c, g) in enumerate(zip(chats, gens))]
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_kv_cache_reuse_generates_exactly_what_a_full_prefill_does(lively, temperature):
+    """Turns that continue a conversation start from its cached keys (only the feedback is prefilled); the
+    generated ids are token for token those of prefilling the whole history, greedy and sampled."""
+    decoding = Decoding(temperature=temperature, max_new_tokens=12)
+    reused, full = HFPolicy(lively), HFPolicy(lively, kv_reuse=False)
+    fed = {}
+    for policy in (reused, full):  # positions embedded: what the model computed
+        policy.model.get_input_embeddings().register_forward_hook(
+            lambda _m, args, _o, key=id(policy): fed.__setitem__(key, fed.get(key, 0) + args[0].numel()))
+    assert _play(reused, decoding) == _play(full, decoding)
+    assert reused.history.continued == 12 and fed[id(reused)] < 0.5 * fed[id(full)]
+
+
+def test_token_history_falls_back_to_the_template_and_never_doubles_the_end_token(tiny_models):
+    from transformers import AutoTokenizer
+
+    from sage_models import TokenHistory, chat_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["student"])
+    history, chat = TokenHistory(tok), _chats(1)[0]
+    ids = chat_ids(tok, chat) + tok("Think. <action>look</action>", add_special_tokens=False)["input_ids"]
+    history.record(chat, "Think. <action>look</action>", ids + [tok.eos_token_id])  # the model ended its turn
+    follow = chat + [{"role": "assistant", "content": "Think. <action>look</action>"}, {"role": "user", "content": "ok"}]
+    assert history.prompt_ids(follow) == chat_ids(tok, follow)  # one end token, then the feedback
+    rewritten = chat + [{"role": "assistant", "content": "Think. <action>look</action> and more"},
+                        {"role": "user", "content": "ok"}]
+    assert history.prompt_ids(rewritten) == chat_ids(tok, rewritten) and history.rendered == 1
+    assert history.continued == 1
 
 
 def _free_port() -> int:
@@ -169,7 +229,7 @@ def _serving(app):
 @pytest.fixture(scope="module")
 def server(lively):
     """The project's OpenAI-compatible server over the lively tiny model, on 127.0.0.1."""
-    from sage_evals.openai_server import create_app
+    from sage_models.server import create_app
 
     with _serving(create_app(HFPolicy(lively), "tiny")) as url:
         yield url
@@ -190,7 +250,7 @@ def test_openai_backend_matches_local_policy(server, lively):
 def test_openai_backend_maps_finish_reasons_and_context_overflow(lively):
     """Over HTTP: stop/length as OpenAI names them, and a prompt longer than the endpoint's context is
     the 400 context_length_exceeded that the client turns into prompt_too_long (not an error)."""
-    from sage_evals.openai_server import create_app
+    from sage_models.server import create_app
 
     short = HFPolicy(lively, max_context=len(HFPolicy(lively).prompt_ids(_chats(2)[1])) - 1)
     with _serving(create_app(short, "short")) as url:
@@ -205,7 +265,7 @@ def test_openai_backend_maps_finish_reasons_and_context_overflow(lively):
 
 
 def test_openai_backend_unknown_model_is_a_clear_error(server):
-    from sage_evals.models import ModelError
+    from sage_models import ModelError
 
     remote = OpenAIPolicy("nope", base_url=server, max_retries=0)
     with pytest.raises(ModelError, match="openai:nope"):
@@ -214,7 +274,7 @@ def test_openai_backend_unknown_model_is_a_clear_error(server):
 
 
 def test_openai_backend_unreachable_endpoint_fails_after_retries():
-    from sage_evals.models import ModelError
+    from sage_models import ModelError
 
     remote = OpenAIPolicy("x", base_url=f"http://127.0.0.1:{_free_port()}/v1", max_retries=1, timeout=5)
     with pytest.raises(ModelError, match="failed after retries"):

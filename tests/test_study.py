@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sage_evals.models import chat_text
+from sage_models import chat_text
 from sage_opd.config import ConfigError
 from sage_opd.judge import JudgeConfig, JudgeTurn, TurnJudge
 from sage_study import data as D
@@ -104,3 +104,18 @@ def test_study_config_profiles_overrides_and_errors(tmp_path):
     bad.write_text("out_dir: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_study_config(bad)
+
+
+def test_swapped_copies_rename_the_target_object_everywhere():
+    import random
+
+    record = _record([("go to desk 1", "go to desk 1", "On the desk 1, you see a mug 1."),
+                      ("take mug 1 from desk 1", "take mug 1 from desk 1", "You pick up the mug 1.")])
+    record["episode_id"] = "train/pick_and_place_simple-Mug-None-Desk-1/trial_T1"
+    (example,) = D.imitation_examples([record])
+    swapped = D.swap_object(example, record["episode_id"], random.Random(0))
+    text = " ".join(m["content"] for m in swapped.messages)
+    other = swapped.messages[-1]["content"].split()[-2]
+    assert "mug" not in text and other != "mug" and other in D.object_names() and f"take {other} 1" in text
+    assert swapped.train_turns == example.train_turns and len(swapped.messages) == len(example.messages)
+    assert len(D.with_swaps([record], 3, seed=0)) == 4

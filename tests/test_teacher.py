@@ -7,7 +7,7 @@ import torch
 from logprob_server import serve_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sage_evals.tiny_models import build_tokenizer
+from sage_models.tiny import build_tokenizer
 from sage_opd.losses import SparseTeacher, opd_loss
 from sage_opd.teacher import (HFTeacher, RemoteTeacher, TokenizerMismatchError, TurnIds, check_same_tokenizer,
                               lm_hidden_states, make_batch)

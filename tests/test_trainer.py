@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from sage_evals.policy import Decoding
+from sage_models.policy import Decoding
 from sage_opd.config import ConfigError, load_config
 from sage_opd.rollout import RolloutBatch, RolloutCollector, guided_beta
 from sage_gym.durable import FolderInUseError
@@ -46,7 +46,7 @@ def collector():
 @pytest.fixture(scope="module")
 def batches(collector, tiny_models, tmp_path_factory) -> dict[str, Path]:
     """train.json / heldout.json: each one student episode + one expert episode (relabelled as student)."""
-    from sage_evals.models import HFPolicy
+    from sage_models import HFPolicy
 
     ids = collector.episode_ids[:2]
     student = collector.collect(ids, HFPolicy(tiny_models["student"]), Decoding(temperature=1.0, max_new_tokens=16),
@@ -103,7 +103,7 @@ def test_env_without_train_split_is_refused(tiny_models, tmp_path):
 
 
 def test_tokenizer_mismatch_is_refused(tiny_models, tmp_path):
-    from sage_evals.tiny_models import build_tiny_models
+    from sage_models.tiny import build_tiny_models
     from sage_opd.teacher import TokenizerMismatchError
 
     other = build_tiny_models(tmp_path / "other", vocab_size=384)
@@ -160,7 +160,7 @@ def test_micro_batch_loss_is_the_spec_objective():
 
 # ---- rollouts ------------------------------------------------------------------------------------
 def test_rollouts_are_seeded_and_guided_turns_come_from_the_teacher(collector, tiny_models):
-    from sage_evals.models import HFPolicy
+    from sage_models import HFPolicy
 
     student, teacher = HFPolicy(tiny_models["student"]), HFPolicy(tiny_models["teacher"])
     ids = collector.episode_ids[:2]
@@ -182,7 +182,7 @@ def test_rollouts_are_seeded_and_guided_turns_come_from_the_teacher(collector, t
 def test_rollouts_stop_at_the_students_context_window(collector, tiny_models):
     """A window of the first prompt plus 6 tokens: turn 1 is cut there (finish reason context) and the
     episode ends before turn 2, whose prompt would not fit (collector max_turns is 2)."""
-    from sage_evals.models import HFPolicy
+    from sage_models import HFPolicy
 
     ids = collector.episode_ids[:1]
     first = collector.collect(ids, HFPolicy(tiny_models["student"]), Decoding(max_new_tokens=1), seed=2).turns[0]
@@ -192,7 +192,7 @@ def test_rollouts_stop_at_the_students_context_window(collector, tiny_models):
 
 
 def test_env_worker_processes_collect_the_same_episodes(collector, tiny_models):
-    from sage_evals.models import HFPolicy
+    from sage_models import HFPolicy
 
     student = HFPolicy(tiny_models["student"])
     ids = collector.episode_ids[:2]

@@ -1,7 +1,7 @@
 """The policy interface shared by the evaluation service and the trainer.
 
 A policy maps a batch of chat conversations to one response each. Backends (``hf``,
-``openai``, ``vllm``) live in ``sage_evals.models``; scripted agents (``expert``,
+``openai``, ``vllm``) live in ``sage_models`` (hf, openai_api, vllm_engine); scripted agents (``expert``,
 ``random``) act on the env directly and are handled by the episode runner.
 """
 

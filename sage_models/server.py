@@ -4,7 +4,7 @@ It lets ``openai:NAME`` clients (and other tools) talk to a local transformers m
 the real endpoint the tests use. Requests are served one generate call at a time (a lock);
 it is a convenience server, not a throughput engine (use vLLM for that).
 
-    uvicorn-style:  python -m sage_evals.openai_server MODEL_SPEC --port 8000
+    uvicorn-style:  python -m sage_models.server MODEL_SPEC --port 8000
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from sage_evals.policy import EOS, PROMPT_TOO_LONG, STOP, Decoding, Policy
+from sage_models.policy import EOS, PROMPT_TOO_LONG, STOP, Decoding, Policy
 
 
 class ChatMessage(BaseModel):
@@ -84,7 +84,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str | Non
     """Load ``model`` (any ``load_policy`` spec) and serve it until interrupted."""
     import uvicorn
 
-    from sage_evals.models import load_policy
+    from sage_models import load_policy
 
     policy = load_policy(model)
     uvicorn.run(create_app(policy, name or model), host=host, port=port, log_level="warning")
