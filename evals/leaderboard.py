@@ -93,19 +93,41 @@ def load_run(path: str | Path) -> Run:
 
 
 def find_runs(paths: list[str | Path]) -> list[Run]:
-    """Runs from each path: a run folder itself or any folder holding run folders (searched recursively)."""
-    runs: list[Run] = []
+    """Runs from each path: a run folder itself or any folder holding run folders (searched recursively).
+    Each run is named by its path below the folder given (a run folder given itself: its own name), with
+    as many parent folders as it takes to tell apart runs that would otherwise share a name."""
+    found: list[tuple[Path, str]] = []
     for p in map(Path, paths):
         if not p.is_dir():
             raise RunFormatError(f"{p} is not a folder; pass run folders or folders of run folders")
         folders = [p] if (p / "run.json").is_file() else sorted(f.parent for f in p.rglob("run.json"))
         if not folders:
             raise RunFormatError(f"no run folders (folders with a run.json) under {p}")
-        for f in folders:
-            run = load_run(f)
-            run.name = f.relative_to(p).as_posix() if f != p else p.name
-            runs.append(run)
+        found += [(f, f.relative_to(p).as_posix() if f != p else p.name) for f in folders]
+    names = _distinct_names(found)
+    runs = []
+    for (folder, _), name in zip(found, names):
+        run = load_run(folder)
+        run.name = name
+        runs.append(run)
     return runs
+
+
+def _distinct_names(found: list[tuple[Path, str]]) -> list[str]:
+    """The given names; names shared by several folders are lengthened with parent folders until they differ."""
+    names = [name for _, name in found]
+    parts = [folder.resolve().parts for folder, _ in found]
+    used = [len(Path(name).parts) for name in names]
+    while True:
+        counts = defaultdict(int)
+        for name in names:
+            counts[name] += 1
+        clashing = [k for k, name in enumerate(names) if counts[name] > 1 and used[k] < len(parts[k]) - 1]
+        if not clashing:
+            return names
+        for k in clashing:
+            used[k] += 1
+            names[k] = "/".join(parts[k][-used[k]:])
 
 
 # ---- leaderboard ----------------------------------------------------------------------

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,14 +181,14 @@ class HFPolicy:
             generators = [torch.Generator(device=self.model.device).manual_seed(int(seeds[i])) for i in rows]
             processors.append(_RowSampler(decoding, generators))
         config = GenerationConfig(max_new_tokens=max(budgets), do_sample=False, pad_token_id=pad,
-                                  eos_token_id=sorted(self.eos_ids) or None)
+                                  eos_token_id=sorted(self.eos_ids) or None, return_dict_in_generate=True)
         extra = {_cache_kwarg(self.model): _batch_cache(caches, big_c, self.model.config)} if big_c else {}
         was_training = self.model.training  # a trainer's live model: sample without dropout, then restore
         self.model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _padding_is_not_length():
                 output = self.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
-                                             logits_processor=processors, return_dict_in_generate=True,
+                                             logits_processor=processors,
                                              stopping_criteria=StoppingCriteriaList([stopper]), **extra)
         finally:
             self.model.train(was_training)
@@ -211,6 +213,19 @@ class HFPolicy:
 
     def close(self) -> None:
         self.model = None
+
+
+@contextmanager
+def _padding_is_not_length():
+    """Silence transformers' "exceeded the model's predefined maximum length" reminder for this call: it compares the
+    batch width (padding included) with the window, while each row's positions stay within its own budget."""
+    logger = logging.getLogger("transformers.generation.stopping_criteria")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @dataclass

@@ -40,7 +40,7 @@ class DataConfig:
     judge: int = 150  # warm-student rollouts labelled by the expert: judge examples
     heldout: int = 60  # games whose noisy and student turns measure the judge (never trained on)
     pool: int = 200  # the games the distillation runs sample their rollouts from
-    pool_source: Literal["fresh", "expert"] = "fresh"  # fresh: games in no SFT data; expert: the first expert games
+    pool_source: Literal["fresh", "expert"] = "fresh"  # fresh: games in no SFT data; expert: the first expert games the expert won
     seed: int = 0
     workers: int = 2
 

@@ -84,8 +84,10 @@ class Study:
         build = self.cfg.teacher.path is None
         out = [Stage("games", lambda: s.pick_games(self))]
         if build:
-            out += [Stage("expert", lambda: s.play_expert(self, "expert", 0.0)),
-                    Stage("noisy", lambda: s.play_expert(self, "noisy", self.cfg.data.epsilon)),
+            out.append(Stage("expert", lambda: s.play_expert(self, "expert", 0.0)))
+            if self.cfg.data.pool_source == "expert":
+                out.append(Stage("pool", lambda: s.pick_pool(self)))
+            out += [Stage("noisy", lambda: s.play_expert(self, "noisy", self.cfg.data.epsilon)),
                     Stage("heldout_noisy", lambda: s.play_expert(self, "heldout", self.cfg.data.epsilon)),
                     Stage("tokenizer", lambda: s.train_tokenizer(self))]
         if self.cfg.student.path is None:

@@ -44,12 +44,23 @@ def pick_games(study: Study) -> dict[str, Any]:
     if d.pool_source == "fresh":
         sizes["pool"] = d.pool
     games = D.split_games(D.panel_ids(cfg.envs.train), sizes, d.seed)
-    if d.pool_source == "expert":
-        games["pool"] = games["expert"][:d.pool]
     if build or cfg.student.path is None:
         games["warm"] = games["expert"][len(games["expert"]) - d.warm:]  # disjoint from a pool taken from the front
     atomic_json(study.out / "games.json", games)
     return {name: len(ids) for name, ids in games.items()}
+
+
+def pick_pool(study: Study) -> dict[str, Any]:
+    """``pool_source: expert``: the rollout pool is the first ``data.pool`` expert games that the expert won within
+    the turn cap (and that are not warm-start games), so that the teacher, trained on them, can win them."""
+    from sage_study.driver import atomic_json
+
+    games = study.games()
+    won = {r["episode_id"] for r in _records(study, "expert") if r["success"]}
+    warm = set(games.get("warm", []))
+    games["pool"] = [g for g in games["expert"] if g in won and g not in warm][:study.cfg.data.pool]
+    atomic_json(study.out / "games.json", games)
+    return {"pool": len(games["pool"])}
 
 
 def play_expert(study: Study, name: str, epsilon: float) -> dict[str, Any]:

@@ -3,6 +3,7 @@ OpenAI-compatible HTTP server, and the clear errors of load_policy."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
 import threading
@@ -115,6 +116,29 @@ def test_generation_never_exceeds_the_context_window(lively, capfd):
     alone = probe.generate(chats[:2], Decoding(temperature=0.0, max_new_tokens=24), [])
     assert got[1].token_ids == alone[1].token_ids[:5] and got[0].token_ids == alone[0].token_ids[:len(got[0].token_ids)]
     assert "longer than the specified maximum" not in capfd.readouterr().err
+
+
+def test_a_padded_batch_near_the_window_is_not_reported_as_too_long(lively):
+    """Left padding makes a batch wider than its longest row, and the window-sized model's own length check
+    would call that an overflow; no row passes its budget, so nothing is printed."""
+    from transformers import AutoModelForCausalLM
+
+    chats = _chats(2)
+    lengths = [len(HFPolicy(lively).prompt_ids(c)) for c in chats]
+    model = AutoModelForCausalLM.from_pretrained(lively)
+    model.config.max_position_embeddings = lengths[1] + 5  # the window itself, not a cap under it
+    policy = HFPolicy(model=model, tokenizer=HFPolicy(lively).tokenizer)
+    logger, seen = logging.getLogger("transformers.generation.stopping_criteria"), []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    type(logger).warning_once.cache_clear()  # transformers says it once per process
+    try:
+        got = policy.generate(chats, Decoding(temperature=0.0, max_new_tokens=24), [])
+    finally:
+        logger.removeHandler(handler)
+    assert [g.finish_reason for g in got] == ["length", "context"] and len(got[1].token_ids) == 5
+    assert not [m for m in seen if "maximum length" in m]
 
 
 def test_context_window_is_read_like_lm_evaluation_harness():

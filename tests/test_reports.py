@@ -343,6 +343,22 @@ def test_legend_labels_name_model_and_settings_and_use_folders_only_to_break_tie
         "hot": "smol (T=0.4, top_p=1.0, max_new=4096) [hot]", "hot-again": "smol (T=0.4, top_p=1.0, max_new=4096) [hot-again]"}
 
 
+def test_run_folders_given_one_by_one_keep_apart_when_their_names_clash(tmp_path):
+    """Two run folders both named ``run`` (or two steps' ``seen``): each keeps its own numbers and label."""
+    from sage_evals.leaderboard import run_labels
+
+    write_run(tmp_path / "g1" / "run", "expert", [record("ep0", 0, True), record("ep1", 0, True)])
+    write_run(tmp_path / "g2" / "run", "random", [record("ep0", 0, False), record("ep1", 0, False)])
+    write_run(tmp_path / "t" / "step-1" / "seen", "student @ step 1", [record("ep0", 0, False)], env_id="alfworld-seen")
+    write_run(tmp_path / "t" / "step-2" / "seen", "student @ step 2", [record("ep0", 0, True)], env_id="alfworld-seen")
+    runs = find_runs([tmp_path / "g1" / "run", tmp_path / "g2" / "run", tmp_path / "t" / "step-1" / "seen",
+                      tmp_path / "t" / "step-2" / "seen"])
+    assert [r.name for r in runs] == ["g1/run", "g2/run", "step-1/seen", "step-2/seen"]
+    rows = {r.model: r.success_mean for r in leaderboard(runs)}
+    assert rows == {"expert": 1.0, "random": 0.0, "student @ step 1": 0.0, "student @ step 2": 1.0}
+    assert sorted(run_labels(runs).values()) == ["expert", "random", "student @ step 1", "student @ step 2"]
+
+
 def _value_labels(svg: str) -> list[str]:
     return re.findall(r'<g id="value-label-[^"]*">\s*<text[^>]*>([^<]*)</text>', svg)
 
