@@ -39,6 +39,72 @@ HUMAN_FEEDBACK = {  # an invalid turn, told to a person rather than to a model
 }
 
 
+class _Stop(Exception):
+    """The human quit, or used up the turn cap (menu answers are free, so the env's own cap is doubled)."""
+
+
+class _Terminal:
+    """``sage play``'s view of the one episode runner: it shows each turn (an observer) and, for a human, asks for
+    each response (a policy). ``help`` and answers to a numbered menu cost no turn."""
+
+    name = "human"
+
+    def __init__(self, pool, env_id: str, cap: int, human: bool):
+        self.pool, self.env_id, self.cap, self.human = pool, env_id, cap, human
+        self.used, self.menu, self.free, self.score, self.ended, self.gold = 0, False, False, 0.0, "", None
+        self.env = pool.workers[0].env  # in this process: the terminal shows what the env knows
+
+    def info(self) -> dict:
+        return self.pool.workers[0].episode.info
+
+    def started(self, job) -> None:
+        info = self.info()
+        self.gold = info.get("golden_answers")
+        obs = self.pool.workers[0].episode.observation
+        console.print(Panel(Text(obs), title=escape(f"{self.env_id} · {info['episode_id']}"),
+                            subtitle=escape(f"task type: {info['task_type']}")))
+        if info["task"] and info["task"] not in obs:  # ScienceWorld's first observation does not state the task
+            console.print(Text(f"Task: {info['task']}", style="bold"))
+        _show_actions(self.env)
+
+    def generate(self, conversations, decoding, stop, **_):
+        from sage_models.policy import Generation
+
+        while True:
+            typed = typer.prompt(f"turn {self.used + 1}/{self.cap} command (help, quit)").strip()
+            if typed == "quit":
+                self.ended = "quit"
+                raise _Stop
+            if typed != "help":
+                break
+            console.print(Panel(Text(self.env.unwrapped.rules), title="commands (help costs no turn)"))
+        self.free = self.menu and typed.isdigit()  # answering the game's numbered menu
+        response = typed if "<action>" in typed else self.env.unwrapped.formatter.format_action(typed)
+        return [Generation(text=response)]
+
+    def turn(self, job, result) -> None:
+        step, info = result.step, self.info()  # the record of the step and the env's info after it
+        free = self.human and self.free
+        self.used += not free
+        self.score = step["score"]
+        if step["action_valid"]:  # an invalid turn never reached the game: a pending menu still waits
+            self.menu = bool(info.get("ambiguous"))
+        valid = "[green]valid[/]" if step["action_valid"] else f"[red]invalid: {step['invalid_reason']}[/]"
+        shown = info.get("parsed_action") or step["response"].strip()
+        console.print(f"[bold]> {escape(shown)}[/]  ({valid}, reward {step['reward']:g}"
+                      + (", menu answer: no turn used" if free else "") + ")")
+        obs = step["observation"]
+        if self.human and not step["action_valid"]:
+            obs = HUMAN_FEEDBACK[step["invalid_reason"]].format(action=info.get("parsed_action"))
+        console.print(Panel(Text(obs), title=f"turn {self.used}/{self.cap}"))
+        over = self.pool.workers[0].episode.done
+        if self.human and self.used >= self.cap and not over:
+            self.ended = "turn cap reached"
+            raise _Stop
+        if not over:
+            _show_actions(self.env)
+
+
 def play(
     env: str = typer.Option("alfworld-unseen", help="Env id (see `sage envs`)."),
     episode: Optional[str] = typer.Option(None, help="Episode id; default: chosen by --seed."),
@@ -52,61 +118,43 @@ def play(
     As a human, `help` lists the commands and answering a numbered menu (ScienceWorld's ambiguous
     commands) is free: neither costs a turn."""
     import sage_gym
-    from sage_gym.agents import make_agent
+    from gymnasium.utils.seeding import np_random
+
+    from sage_gym.errors import SageError
+    from sage_models.policy import Decoding
+    from sage_models.scripted import ScriptedAgent
+    from sage_rollout import EpisodeJob, EpisodeRunner, LocalPool
 
     if agent not in ("human", "expert", "random"):
         raise typer.BadParameter(f"--agent must be human, expert or random, not {agent!r}")
     human = agent == "human"
-    cap = max_turns or sage_gym.spec(env).max_turns
+    spec = sage_gym.spec(env)
+    cap = max_turns or spec.max_turns
     # a human's free moves (menu answers) still step the env: each follows a paid turn, so 2x the cap suffices
     kwargs = {k: v for k, v in {"max_turns": 2 * cap if human else cap, "data_dir": data_dir}.items() if v is not None}
-    game = sage_gym.make(env, **kwargs)
-    try:
-        obs, info = game.reset(seed=seed, options={"episode_id": episode} if episode else None)
-        gold = info.get("golden_answers")
-        bot = None if human else make_agent(agent) if agent == "expert" else make_agent(agent, seed=seed)
-        if bot:
-            bot.reset(game, info)
-        console.print(Panel(Text(obs), title=escape(f"{env} · {info['episode_id']}"),
-                            subtitle=escape(f"task type: {info['task_type']}")))
-        if info["task"] and info["task"] not in obs:  # ScienceWorld's first observation does not state the task
-            console.print(Text(f"Task: {info['task']}", style="bold"))
-        terminated = truncated = quit_ = False
-        used, menu = 0, False  # turns that count; whether the game awaits an answer to a numbered menu
-        while not (terminated or truncated):
-            _show_actions(game)
-            free = False
-            if bot:
-                response = bot.act(game, info)
-            else:
-                typed = typer.prompt(f"turn {used + 1}/{cap} command (help, quit)").strip()
-                if typed == "quit":
-                    quit_ = True
-                    break
-                if typed == "help":
-                    console.print(Panel(Text(game.unwrapped.rules), title="commands (help costs no turn)"))
-                    continue
-                free = menu and typed.isdigit()  # answering the game's numbered menu
-                response = typed if "<action>" in typed else game.unwrapped.formatter.format_action(typed)
-            obs, reward, terminated, truncated, info = game.step(response)
-            used += not free
-            if info["action_valid"]:  # an invalid turn never reached the game: a pending menu still waits
-                menu = bool(info.get("ambiguous"))
-            if human and used >= cap and not terminated:
-                truncated = True
-            valid = "[green]valid[/]" if info["action_valid"] else f"[red]invalid: {info['invalid_reason']}[/]"
-            console.print(f"[bold]> {escape(info['parsed_action'] or response.strip())}[/]  ({valid}, reward {reward:g}"
-                          + (", menu answer: no turn used" if free else "") + ")")
-            if human and not info["action_valid"]:
-                obs = HUMAN_FEEDBACK[info["invalid_reason"]].format(action=info["parsed_action"])
-            console.print(Panel(Text(obs), title=f"turn {used}/{cap}"))
-        outcome = "[green]won[/]" if info["won"] else "[red]not won[/]"
-        ended = "quit" if quit_ else "terminated" if terminated else "turn cap reached"
-        console.print(f"Result: {outcome}, score {info['score']:g}, {used} turns ({ended}).")
+    with LocalPool(spec, 1, kwargs) as pool:
+        ids = pool.info["episode_ids"]
+        if episode is None:  # as TextEnv.reset(seed=...) picks one
+            episode = ids[int(np_random(seed)[0].integers(len(ids)))]
+        elif episode not in ids:
+            raise SageError(f"episode {episode!r} is not in the {env} panel ({len(ids)} episodes, e.g. {ids[0]!r})")
+        terminal = _Terminal(pool, env, cap, human)
+        writer = terminal if human else ScriptedAgent(agent)
+        records = []
+        try:
+            EpisodeRunner(pool, {agent: writer}, Decoding(), max_retries=0, observer=terminal).run(
+                [EpisodeJob(episode, seed)], lambda job, record: records.append(record))
+        except _Stop:
+            pass
+        if records and records[0].get("error"):
+            raise SageError(f"the episode failed: {records[0]['error']}")
+        won = bool(records and records[0]["success"])
+        ended = terminal.ended or ("terminated" if records and records[0]["terminated"] else "turn cap reached")
+        outcome = "[green]won[/]" if won else "[red]not won[/]"
+        console.print(f"Result: {outcome}, score {terminal.score:g}, {terminal.used} turns ({ended}).")
+        gold = terminal.gold
         if gold:
             console.print(Text(f"Gold answer{'s' if len(gold) > 1 else ''}: {' | '.join(gold)}"))
-    finally:
-        game.close()
 
 
 def _show_actions(game) -> None:

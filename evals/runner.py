@@ -1,9 +1,9 @@
 """Run a model (or a scripted agent) on an env panel over seeds: `sage evaluate` as a library call.
 
-The main loop keeps every env worker busy with one episode: it gathers the chats of all live
-episodes, generates all responses in one ``policy.generate`` batch, sends each response to
-its worker and collects the observations. Finished episodes are appended to
-``episodes.jsonl`` (fsynced) as they finish, so a killed run resumes where it stopped.
+Episodes are played by the project's one episode runner (``sage_rollout``) over env worker
+processes: every worker is kept busy with one episode and the turns of all live episodes are
+generated in one ``policy.generate`` batch. Finished episodes are appended to ``episodes.jsonl``
+(fsynced) as they finish, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -13,17 +13,16 @@ import re
 import subprocess
 import sys
 import time
-from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from sage_models import SCRIPTED, ScriptedAgent, load_policy, policy_kind, turn_seed
-from sage_models.policy import PROMPT_TOO_LONG, Decoding, Policy
 from sage_evals.prompting import PromptOptions
-from sage_evals.pool import CONTEXT_LIMIT, ERROR, EnvPool, WorkerFailed
 from sage_evals.summary import summarize
+from sage_models import SCRIPTED, ScriptedAgent, load_policy, policy_kind
+from sage_models.policy import Decoding, Policy
+from sage_rollout import EnvPool, EpisodeJob, EpisodeRunner
 from sage_gym.durable import (FolderLock, RunFileError, append_jsonl, atomic_write_json, read_json_object,
                               read_jsonl)
 from sage_gym.errors import SageError
@@ -60,15 +59,6 @@ class RunInterrupted(SageError):
         super().__init__(f"interrupted: {done} of {total} episodes are saved in {folder / 'episodes.jsonl'}"
                          + (f" ({in_flight} in flight are redone on resume)" if in_flight else "")
                          + "; rerun the same command (same settings and --out) to resume")
-
-
-@dataclass
-class _Job:
-    episode_id: str
-    seed: int
-    attempt: int = 0
-    turn: int = 0
-    messages: list | None = None
 
 
 def git_commit() -> str | None:
@@ -136,28 +126,6 @@ class RunFolder:
         atomic_write_json(self.path / "summary.json", summary)
 
 
-def error_cause(reason: str) -> str:
-    """A short label of why an episode failed, for counting errors by cause: the exception line of an env's
-    traceback (module path dropped), else the worker failure (``worker died (exit code 3)``)."""
-    lines = [ln.strip() for ln in reason.strip().splitlines() if ln.strip()]
-    last = lines[-1] if lines else "unknown error"
-    if lines and lines[0].startswith("Traceback"):
-        name, sep, message = last.partition(":")
-        last = name.rsplit(".", 1)[-1] + sep + message
-    return re.sub(r"^(no )?worker \d+ ", r"\1worker ", last)[:200]
-
-
-def error_record(job: _Job, env_id: str, reason: str) -> dict:
-    """The line of an episode that kept failing: recorded as a failure, never dropped."""
-    return {"episode_id": job.episode_id, "seed": job.seed, "env_id": env_id, "task_type": "",
-            "success": False, "score": 0.0, "metrics": {}, "turns": 0, "terminated": False, "truncated": False,
-            "end_reason": ERROR, "invalid_turns": dict.fromkeys(INVALID_REASONS, 0), "finish_reasons": {},
-            "cut_invalid_turns": dict.fromkeys(INVALID_REASONS, 0), "prompt_tokens": 0, "completion_tokens": 0,
-            "seconds": 0.0, "gen_seconds": 0.0, "env_seconds": 0.0,
-            "error": f"failed {job.attempt} times; last: {reason.strip()}", "error_cause": error_cause(reason),
-            "messages": [], "steps": []}
-
-
 def check_errors(summary: dict, max_share: float = MAX_ERROR_SHARE) -> None:
     """Raise ``RunErrorsError`` when more than ``max_share`` of the run's episodes errored."""
     n, errors = summary["n_episodes"], summary["n_errors"]
@@ -166,130 +134,6 @@ def check_errors(summary: dict, max_share: float = MAX_ERROR_SHARE) -> None:
         raise RunErrorsError(f"{errors} of {n} episodes failed with errors, more than the allowed share "
                              f"{max_share:g} (--max-error-share): {causes}. The success rate above does not "
                              "measure the model.")
-
-
-class _Loop:
-    """The episode loop over one pool; counts time spent waiting on workers (env_wait)."""
-
-    def __init__(self, pool: EnvPool, policy: Policy | ScriptedAgent, decoding: Decoding, jobs: list[_Job],
-                 on_record, max_retries: int, prompt: PromptOptions | None = None, progress: _Progress | None = None):
-        self.pool, self.policy, self.decoding, self.on_record = pool, policy, decoding, on_record
-        self.jobs, self.max_retries = deque(jobs), max_retries
-        self.prompt, self.progress = prompt or PromptOptions(), progress
-        self.live: dict[int, _Job] = {}  # worker index -> its episode
-        self.waiting: set[int] = set()  # workers we expect a reply from
-        self.env_wait = self.gen_seconds = 0.0
-        self.stop = pool.info["stop"]
-        self.env_id = pool.spec.env_id
-        params = set() if isinstance(policy, ScriptedAgent) else _params(policy.generate)
-        self.seeded = isinstance(policy, ScriptedAgent) or "seeds" in params
-        self.streams = progress is not None and "on_tokens" in params  # live token counts while generating
-
-    def run(self) -> None:
-        scripted = isinstance(self.policy, ScriptedAgent)
-        while self.jobs or self.live:
-            for i in range(len(self.pool.workers)):
-                if i not in self.live and self.jobs:
-                    self._start(i, self.jobs.popleft())
-            if self.progress:
-                self.progress.in_flight = len(self.live)
-            ready = self._collect(all_of_them=not scripted)
-            if ready:
-                self._generate(ready)
-
-    def _start(self, i: int, job: _Job) -> None:
-        self.live[i] = job
-        job.turn = 0
-        if isinstance(self.policy, ScriptedAgent):
-            self._send(i, "play", job.episode_id, job.seed, self.policy.name, self.policy.kwargs)
-        else:
-            self._send(i, "reset", job.episode_id, job.seed)
-
-    def _send(self, i: int, *msg: Any) -> None:
-        try:
-            self.pool.send(i, *msg)
-            self.waiting.add(i)
-        except WorkerFailed as err:
-            self._failed(i, err.reason)
-
-    def _collect(self, all_of_them: bool) -> list[int]:
-        """Replies from the workers: all of them (model: one batch per turn) or the first (scripted)."""
-        t0 = time.perf_counter()
-        ready: list[int] = []
-        while self.waiting:
-            try:
-                got = self.pool.ready(sorted(self.waiting))
-            except WorkerFailed as err:  # nobody answered within the timeout: fail the first silent one
-                got = [err.index]
-            for i in got:
-                self.waiting.discard(i)
-                try:
-                    kind, payload = self.pool.recv(i, timeout=0)
-                except WorkerFailed as err:
-                    self._failed(i, err.reason)
-                    continue
-                if kind == "obs":
-                    self.live[i].messages = payload
-                    ready.append(i)
-                elif kind == "done":
-                    self._record(payload, self.live.pop(i))
-                else:  # "error": the env raised; its traceback is the reason
-                    self._failed(i, payload)
-            if not all_of_them and not ready:
-                break
-        self.env_wait += time.perf_counter() - t0
-        return ready
-
-    def _failed(self, i: int, reason: str) -> None:
-        """Restart worker ``i``; retry its episode from the start or, past the retries, record the error."""
-        job = self.live.pop(i)
-        self.waiting.discard(i)
-        self.pool.restart(i)
-        job.attempt += 1
-        if job.attempt > self.max_retries:
-            self._record(error_record(job, self.env_id, reason), job)
-        else:
-            if self.progress:
-                self.progress.forget(job.turn)
-            self.jobs.appendleft(job)
-
-    def _record(self, record: dict, job: _Job) -> None:
-        self.on_record(record)
-        if self.progress:
-            self.progress.advance(record, job.turn)
-
-    def _generate(self, ready: list[int]) -> None:
-        jobs = [self.live[i] for i in ready]
-        conversations = [self.prompt.apply(j.messages) for j in jobs]
-        kwargs: dict[str, Any] = {}
-        if self.seeded:
-            kwargs["seeds"] = [turn_seed(j.seed, j.episode_id, j.turn) for j in jobs]
-        if self.streams:
-            kwargs["on_tokens"] = self.progress.tokens
-        if self.progress:
-            self.progress.gen_started = time.perf_counter()
-        t0 = time.perf_counter()
-        generations = self.policy.generate(conversations, self.decoding, self.stop, **kwargs)
-        seconds = time.perf_counter() - t0
-        self.gen_seconds += seconds
-        for i, job, g in zip(ready, jobs, generations):
-            if g.finish_reason == PROMPT_TOO_LONG:  # the conversation outgrew the model's context window
-                self._send(i, "end", CONTEXT_LIMIT)
-                continue
-            job.turn += 1
-            self._send(i, "step", g.text, g.n_prompt_tokens, g.n_completion_tokens, seconds, g.finish_reason)
-        if self.progress:
-            self.progress.turns_done([g for g in generations if g.finish_reason != PROMPT_TOO_LONG], seconds,
-                                     counted=self.streams)
-
-
-def _params(fn) -> set[str]:
-    import inspect
-
-    try:
-        return set(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return set()
 
 
 def evaluate(policy: str | Policy, env_id: str, seeds: Sequence[int] = (0,), workers: int = 4,
@@ -354,25 +198,26 @@ def evaluate(policy: str | Policy, env_id: str, seeds: Sequence[int] = (0,), wor
         settings = folder.start(settings, lambda recorded: effective_env_kwargs(spec, recorded))
         records = folder.records()
         done = {(r["episode_id"], r["seed"]) for r in records}
-        jobs = [_Job(ep, s) for s in seeds for ep in panel if (ep, s) not in done]
+        jobs = [EpisodeJob(ep, s) for s in seeds for ep in panel if (ep, s) not in done]
         t0 = time.perf_counter()
         total = len(panel) * len(seeds)
         with _Progress(progress, total, records, pool.info["max_turns"]) as bar:
-            def on_record(record: dict) -> None:
+            def on_episode(job: EpisodeJob, record: dict) -> None:
                 folder.append(record)
                 records.append(record)
 
-            loop = _Loop(pool, loaded, decoding, jobs, on_record, max_retries, prompt, bar)
+            runner = EpisodeRunner(pool, {"model": loaded}, decoding, max_retries=max_retries, prompt=prompt.apply,
+                                   observer=bar)
             try:
-                loop.run()
+                runner.run(jobs, on_episode)
             except KeyboardInterrupt:
-                raise RunInterrupted(len(records), total, len(loop.live), folder.path) from None
+                raise RunInterrupted(len(records), total, len(runner.live), folder.path) from None
         wall = time.perf_counter() - t0
         new = len(jobs)
         timing = {"seconds": wall, "episodes_this_session": new,
                   "episodes_per_minute": 60 * new / wall if wall > 0 else 0.0,
-                  "env_wait_share": loop.env_wait / wall if wall > 0 else 0.0,
-                  "gen_share": loop.gen_seconds / wall if wall > 0 else 0.0,
+                  "env_wait_share": runner.env_wait / wall if wall > 0 else 0.0,
+                  "gen_share": runner.gen_seconds / wall if wall > 0 else 0.0,
                   "workers": len(pool.workers)}
         summary = summarize(records, settings, timing)
         folder.write_summary(summary)
@@ -395,8 +240,8 @@ class _Progress:
         self.enabled, self.total, self.max_turns = enabled, total, max_turns
         self.n, self.wins, self.errors = len(records), sum(bool(r["success"]) for r in records), 0
         self.turns = self.turns_at_start = sum(int(r.get("turns", 0)) for r in records)
-        self.finished_turns, self.finished = self.turns, self.n
-        self.in_flight, self.live_turns = 0, 0  # episodes being played, turns they have played
+        self.finished_turns, self.n_finished = self.turns, self.n
+        self.live, self.live_turns = 0, 0  # episodes being played, turns they have played
         self.new_tokens, self.gen_seconds, self.gen_started = 0, 0.0, None
         self.t0, self.shown, self.plain = time.perf_counter(), 0.0, False
 
@@ -425,14 +270,14 @@ class _Progress:
         played = self.turns - self.turns_at_start
         if played <= 0:
             return None
-        per_episode = self.finished_turns / self.finished if self.finished else self.max_turns
-        live_left = max(0.0, self.in_flight * per_episode - self.live_turns)
-        unstarted = max(0, self.total - self.n - self.in_flight)
+        per_episode = self.finished_turns / self.n_finished if self.n_finished else self.max_turns
+        live_left = max(0.0, self.live * per_episode - self.live_turns)
+        unstarted = max(0, self.total - self.n - self.live)
         return (live_left + unstarted * per_episode) * (time.perf_counter() - self.t0) / played
 
     def _text(self) -> str:
         eta = self.eta()
-        parts = [f"turns {self.turns}", f"{self.in_flight} in flight" if self.in_flight else "",
+        parts = [f"turns {self.turns}", f"{self.live} in flight" if self.live else "",
                  f"{self.rate():.1f} tok/s" if self.new_tokens else "",
                  f"success {self.wins / self.n:.1%}" if self.n else "success -",
                  f"[red]errors {self.errors}[/]" if self.errors else "",
@@ -443,6 +288,12 @@ class _Progress:
         if self.enabled and not self.plain:
             self.bar.update(self.task, completed=self.n, description=self._text())
 
+    def in_flight(self, n: int) -> None:
+        self.live = n
+
+    def generating(self) -> None:
+        self.gen_started = time.perf_counter()
+
     def tokens(self, n: int) -> None:
         """``n`` tokens were just generated (a policy's on_tokens callback)."""
         self.new_tokens += n
@@ -450,31 +301,30 @@ class _Progress:
             self.shown = time.perf_counter()
             self._refresh()
 
-    def turns_done(self, generations: list, seconds: float, counted: bool) -> None:
-        """A generate call ended: its turns go to the envs (tokens are counted here unless streamed)."""
+    def turns_done(self, turns: int, new_tokens: int, seconds: float) -> None:
+        """Turns went to the envs: a generate call ended (``new_tokens`` not streamed already), or a scripted turn."""
         self.gen_seconds += seconds
         self.gen_started = None
-        self.turns += len(generations)
-        self.live_turns += len(generations)
-        if not counted:
-            self.new_tokens += sum(g.n_completion_tokens for g in generations)
+        self.turns += turns
+        self.live_turns += turns
+        self.new_tokens += new_tokens
         self._refresh()
 
-    def forget(self, played: int) -> None:
+    def restarted(self, played: int) -> None:
         """An episode is retried from its start: the turns it had played are no longer live."""
         self.live_turns -= played
 
-    def advance(self, record: dict, played: int) -> None:
-        """An episode finished; ``played``: the turns the loop saw (0 for a scripted agent, which plays in its worker)."""
+    def finished(self, record: dict, played: int) -> None:
+        """An episode finished; ``played``: the turns the runner saw of it."""
         turns = int(record.get("turns", 0))
         self.n += 1
         self.wins += bool(record["success"])
         self.errors += bool(record.get("error"))
-        self.finished += 1
+        self.n_finished += 1
         self.finished_turns += turns
         self.turns += max(0, turns - played)
         self.live_turns -= played
-        self.in_flight = max(0, self.in_flight - 1)
+        self.live = max(0, self.live - 1)
         if self.plain:
             print(f"episode {self.n}/{self.total} {record['episode_id']} seed {record['seed']}: "
                   f"{'success' if record['success'] else 'failure'} in {turns} turns · "

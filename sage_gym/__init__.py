@@ -2,13 +2,13 @@
 
 >>> import sage_gym
 >>> env = sage_gym.make("alfworld-unseen")
->>> obs, info = env.reset(options={"episode_id": env.unwrapped.episode_ids[0]})
+>>> obs, info = env.reset(options={"episode_id": sage_gym.describe(env)["episode_ids"][0]})
 >>> obs, reward, terminated, truncated, info = env.step("I should look around. <action>look</action>")
 """
 
 from importlib.metadata import version as _version
 
-from sage_gym.core import EpisodeStart, GameStep, TextEnv
+from sage_gym.core import EpisodeStart, GameStep, TextEnv, describe
 from sage_gym.errors import DataNotFoundError, EnvCrashedError, SageError, UnknownEnvError
 from sage_gym.formatting import INVALID_REASONS, ReActFormatter
 from sage_gym.registry import EnvSpec, list_envs, make, register, spec
@@ -19,5 +19,5 @@ __version__ = _version("sage-agents")
 __all__ = [
     "EnvSpec", "EpisodeStart", "GameStep", "TextEnv", "ReActFormatter", "INVALID_REASONS",
     "DataNotFoundError", "EnvCrashedError", "SageError", "UnknownEnvError",
-    "list_envs", "make", "register", "spec",
+    "describe", "list_envs", "make", "register", "spec",
 ]

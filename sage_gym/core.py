@@ -51,6 +51,11 @@ class GameStep:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def describe(env) -> dict[str, Any]:
+    """``TextEnv.describe()`` of an env, through any gymnasium wrappers around it (a ``RemoteEnv`` too)."""
+    return env.get_wrapper_attr("describe")() if hasattr(env, "get_wrapper_attr") else env.describe()
+
+
 class TextEnv(gym.Env):
     """A gymnasium env whose action is a model's whole response and whose observation is text.
 
@@ -141,6 +146,12 @@ class TextEnv(gym.Env):
         return None
 
     # ---- helpers -------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """What a client needs to know of this env without reaching into it: its id, panel (episode ids in
+        order), turn cap, stop strings, rules and history window (``sage_gym.describe(env)`` for wrapped envs)."""
+        return {"env_id": self.env_id, "episode_ids": list(self.episode_ids), "max_turns": self.max_turns,
+                "stop": list(self.stop), "rules": self.rules, "history_window": self.formatter.history_window}
+
     @property
     def messages(self) -> list[dict[str, str]]:
         """The chat so far (system, first user message, then assistant/user pairs)."""

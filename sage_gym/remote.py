@@ -55,6 +55,7 @@ class RemoteEnv(gym.Env):
             self._client.close()
             raise
         self.session_id = meta["session_id"]
+        self._meta = {k: meta.get(k) for k in ("env_id", "episode_ids", "max_turns", "stop", "rules", "history_window")}
         self.episode_ids: list[str] = list(meta["episode_ids"])
         self.max_turns: int = int(meta["max_turns"])
         self.stop: list[str] = list(meta["stop"])
@@ -65,6 +66,10 @@ class RemoteEnv(gym.Env):
         self.action_space = spaces.Text(max_length=min(MAX_TEXT, int(meta["max_response_chars"])), min_length=0,
                                         charset=text_space().character_set)
         self._messages: list[dict[str, str]] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """The served env's ``TextEnv.describe()``, as the server reported it."""
+        return {**self._meta, "episode_ids": list(self._meta["episode_ids"]), "stop": list(self._meta["stop"])}
 
     def _request(self, method: str, path: str, body: dict | None = None) -> dict:
         import httpx

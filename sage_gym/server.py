@@ -27,6 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sage_gym.core import describe
 from sage_gym.envargs import MAX_SEED, check_env_kwargs
 from sage_gym.errors import EnvCrashedError, SageError, UnknownEnvError
 from sage_gym.registry import list_envs, make, spec
@@ -68,11 +69,8 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def metadata(self, max_response_chars: int) -> dict[str, Any]:
-        env = self.env.unwrapped
-        return {"max_response_chars": max_response_chars, "session_id": self.session_id, "env_id": self.env_id, "kwargs": jsonable(self.kwargs),
-                "episode_ids": list(env.episode_ids), "max_turns": env.max_turns, "stop": list(env.stop),
-                "rules": getattr(env, "rules", ""),
-                "history_window": getattr(getattr(env, "formatter", None), "history_window", None)}
+        return {**describe(self.env), "max_response_chars": max_response_chars, "session_id": self.session_id,
+                "env_id": self.env_id, "kwargs": jsonable(self.kwargs)}
 
 
 class Sessions:

@@ -17,11 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import sage_gym
-from sage_models import derive_seed, turn_seed
-from sage_models.policy import PROMPT_TOO_LONG, Decoding, Policy
-from sage_gym.agents import ExpertAgent
 from sage_gym.errors import EnvCrashedError, SageError
-from sage_gym.procs import fixed_hash_seed
+from sage_models import derive_seed
+from sage_models.policy import Decoding, Policy
 
 
 @dataclass
@@ -101,122 +99,19 @@ def check_train_split(env_id: str) -> None:
                         f"Env ids with a train split: {', '.join(train) or 'none registered'}")
 
 
-class EnvSlot:
-    """One env answering commands: ``reset``, ``step``, ``expert`` (the expert's next response).
-
-    Runs in this process, or (``EnvProcess``) in a worker process so that the game engines of a
-    batch step in parallel. Commands are split into ``send`` and ``recv`` so a caller can send to
-    every slot before waiting for any."""
-
-    def __init__(self, env_id: str, kwargs: dict[str, Any]):
-        self.env = sage_gym.make(env_id, **kwargs)
-        self.expert = ExpertAgent()
-        self.info: dict[str, Any] = {}
-        self._reply: Any = None
-
-    def episode_ids(self) -> list[str]:
-        return list(self.env.unwrapped.episode_ids)
-
-    def handle(self, cmd: str, *args: Any) -> Any:
-        env = self.env
-        if cmd == "reset":
-            episode_id, seed, with_expert = args
-            _, self.info = env.reset(seed=seed, options={"episode_id": episode_id})
-            if with_expert:
-                self.expert.reset(env, self.info)
-            return self.info["task"], self.info["task_type"], env.unwrapped.messages, env.unwrapped.stop
-        if cmd == "step":
-            expert = self.info.get("expert")  # the label of the state this response answers
-            feedback, _, terminated, truncated, self.info = env.step(args[0])
-            keep = {k: self.info[k] for k in ("action_valid", "invalid_reason", "won", "score", "action")}
-            keep["expert_action"] = expert["action"] if expert else None
-            return feedback, terminated, truncated, keep, env.unwrapped.messages
-        if cmd == "expert":
-            return self.expert.act(env, self.info)
-        raise ValueError(f"unknown env command {cmd!r}")
-
-    def send(self, cmd: str, *args: Any) -> None:
-        self._reply = self.handle(cmd, *args)
-
-    def recv(self) -> Any:
-        return self._reply
-
-    def close(self) -> None:
-        self.env.close()
-
-
-def _serve(conn, env_id: str, kwargs: dict[str, Any]) -> None:
-    """Worker process loop: answer commands until the pipe closes; errors go back as text."""
-    import traceback
-
-    slot = None
-    try:
-        slot = EnvSlot(env_id, kwargs)
-        conn.send(("ok", slot.episode_ids()))
-        while True:
-            try:
-                cmd, args = conn.recv()
-            except EOFError:
-                break
-            try:
-                conn.send(("ok", slot.handle(cmd, *args)))
-            except Exception:  # noqa: BLE001  (reported to the trainer, which raises it)
-                conn.send(("error", traceback.format_exc()))
-    except Exception:  # noqa: BLE001
-        conn.send(("error", traceback.format_exc()))
-    finally:
-        if slot is not None:
-            slot.close()
-        conn.close()
-
-
-class EnvProcess:
-    """An ``EnvSlot`` in its own (spawned, daemon) process."""
-
-    def __init__(self, env_id: str, kwargs: dict[str, Any]):
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, env_id, kwargs), daemon=True)
-        with fixed_hash_seed():
-            self.proc.start()
-        child.close()
-        self._ids = self.recv()
-
-    def episode_ids(self) -> list[str]:
-        return self._ids
-
-    def send(self, cmd: str, *args: Any) -> None:
-        self.conn.send((cmd, args))
-
-    def recv(self) -> Any:
-        try:
-            status, value = self.conn.recv()
-        except EOFError as err:
-            raise EnvCrashedError(f"the env worker process {self.proc.pid} died (exit code "
-                                  f"{self.proc.exitcode})") from err
-        if status == "error":
-            raise EnvCrashedError(f"the env worker process {self.proc.pid} failed:\n{value}")
-        return value
-
-    def close(self) -> None:
-        self.conn.close()
-        self.proc.join(timeout=10)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
-
-
 class RolloutCollector:
-    """Keeps ``n_envs`` envs of one env id and plays batches of episodes on them in lockstep.
+    """Keeps ``n_envs`` envs of one env id and plays batches of episodes on them with the project's episode runner
+    (``sage_rollout``), generation batched over the episodes still running.
 
-    ``processes``: run each env in its own worker process, so game steps and resets of the batch
-    run in parallel (ALFWorld resets take about a second); generation stays in this process."""
+    ``processes``: run each env in its own worker process, so game steps and resets of the batch run in parallel
+    (ALFWorld resets take about a second); generation stays in this process. A worker that fails is restarted
+    and its episode replayed; an episode that keeps failing stops the step with ``EnvCrashedError``."""
 
     def __init__(self, env_id: str, n_envs: int, max_turns: int | None = None, history_window: int | None = None,
                  check_split: bool = True, processes: bool = False, episode_ids: list[str] | None = None,
                  env_kwargs: dict[str, Any] | None = None):
+        from sage_rollout import EnvPool, LocalPool
+
         if check_split:
             check_train_split(env_id)
         kwargs: dict[str, Any] = dict(env_kwargs or {})
@@ -227,14 +122,8 @@ class RolloutCollector:
         if history_window is not None:
             kwargs["history_window"] = history_window
         self.env_id = env_id
-        self.envs: list[EnvSlot | EnvProcess] = []
-        try:
-            for _ in range(n_envs):
-                self.envs.append(EnvProcess(env_id, kwargs) if processes else EnvSlot(env_id, kwargs))
-        except BaseException:
-            self.close()
-            raise
-        self.episode_ids = self.envs[0].episode_ids()
+        self.pool = (EnvPool if processes else LocalPool)(sage_gym.spec(env_id), n_envs, kwargs)
+        self.episode_ids = list(self.pool.info["episode_ids"])
         if episode_ids is not None:
             unknown = sorted(set(episode_ids) - set(self.episode_ids))
             if unknown or not episode_ids:
@@ -254,65 +143,57 @@ class RolloutCollector:
         """Play one episode per id. Each turn the teacher writes with probability ``teacher_prob``
         (Guided-OPD; 1.0 for teacher SFT data), the env's expert agent when ``expert``, else the student.
         ``indices``: each episode's position in the step's global batch (seeds depend on it, not on the rank)."""
-        if len(episode_ids) > len(self.envs):
-            raise ValueError(f"{len(episode_ids)} episodes but only {len(self.envs)} envs in this collector")
-        envs = self.envs[: len(episode_ids)]
+        from sage_models.scripted import ScriptedAgent
+        from sage_rollout import EpisodeJob, EpisodeRunner
+
+        if len(episode_ids) > len(self.pool.workers):
+            raise ValueError(f"{len(episode_ids)} episodes but only {len(self.pool.workers)} envs in this collector")
         indices = list(range(len(episode_ids))) if indices is None else list(indices)
-        for i, (env, eid) in enumerate(zip(envs, episode_ids)):
-            env.send("reset", eid, derive_seed(seed, indices[i]), expert)
-        episodes, messages, stop = [], {}, []
-        for i, (env, eid) in enumerate(zip(envs, episode_ids)):
-            task, task_type, messages[i], stop = env.recv()
-            episodes.append(EpisodeRecord(eid, task, task_type))
-        active = list(range(len(envs)))
-        turn = 0
-        while active:
-            sources = {i: "expert" if expert else
-                       ("teacher" if teacher is not None and _coin(seed, indices[i], turn) < teacher_prob else "student")
-                       for i in active}
-            outputs: dict[int, tuple[str, list[int], list[int], str]] = {}
-            for source, policy in (("student", student), ("teacher", teacher)):
-                group = [i for i in active if sources[i] == source]
-                if not group:
-                    continue
-                if policy is None:
-                    raise ValueError(f"a {source} turn was requested but no {source} policy was given")
-                # one seed per (step seed, episode, turn): a response does not depend on the batch or the rank
-                seeds = [turn_seed(seed, f"{indices[i]}:{episode_ids[i]}", turn) for i in group]
-                gens = policy.generate([messages[i] for i in group], decoding, stop, seeds=seeds)
-                for i, gen in zip(group, gens):
-                    if gen.token_ids is None or gen.prompt_ids is None:
-                        raise SageError(f"the {source} policy {policy.name!r} returned no token ids; training "
-                                        "needs a backend that returns the sampled ids (hf, vllm)")
-                    outputs[i] = (gen.text, list(gen.prompt_ids), list(gen.token_ids), gen.finish_reason)
-            experts = [i for i in active if sources[i] == "expert"]
-            for i in experts:
-                envs[i].send("expert")
-            for i in experts:
-                outputs[i] = (envs[i].recv(), [], [], "stop")
-            # a conversation that outgrew the model's context window ends here: nothing was generated
-            active = [i for i in active if outputs[i][3] != PROMPT_TOO_LONG]
-            for i in active:
-                envs[i].send("step", outputs[i][0])
-            still = []
-            for i in active:
-                text, prompt_ids, token_ids, finish = outputs[i]
-                context = messages[i]
-                feedback, terminated, truncated, info, messages[i] = envs[i].recv()
-                episodes[i].turns.append(TurnRecord(
-                    episode=i, turn=turn, task=episodes[i].task, messages=context, prompt_ids=prompt_ids,
-                    token_ids=token_ids, text=text, action_valid=bool(info["action_valid"]),
-                    invalid_reason=info["invalid_reason"], feedback=feedback,
-                    source=sources[i], finish_reason=finish, action=info["action"],
-                    expert_action=info["expert_action"]))
-                episodes[i].won, episodes[i].score = bool(info["won"]), float(info["score"])
-                if not (terminated or truncated):
-                    still.append(i)
-            active = still
-            turn += 1
+        if expert:
+            writers: dict[str, Any] = {"expert": ScriptedAgent("expert")}
+        else:
+            writers = {"student": student, **({"teacher": teacher} if teacher is not None else {})}
+        for name, policy in writers.items():
+            if policy is None:
+                raise ValueError(f"a {name} turn was requested but no {name} policy was given")
+
+        def choose(job, turn: int) -> str:
+            if expert:
+                return "expert"
+            return "teacher" if teacher is not None and _coin(seed, job.index, turn) < teacher_prob else "student"
+
+        # the env reset and every sampled turn are seeded by (step seed, place in the global batch, episode, turn)
+        jobs = [EpisodeJob(eid, derive_seed(seed, k), index=k) for eid, k in zip(episode_ids, indices)]
+        records: dict[int, tuple[Any, dict]] = {}
+        runner = EpisodeRunner(self.pool, writers, decoding, choose=choose, max_retries=2)
+        runner.run(jobs, lambda job, record: records.__setitem__(job.index, (job, record)))
+        episodes = []
+        for i, k in enumerate(indices):
+            job, record = records[k]
+            if record.get("error"):
+                raise EnvCrashedError(f"episode {job.episode_id} of the rollout failed: {record['error']}")
+            episodes.append(_episode(i, job, record))
         return RolloutBatch(episodes)
 
     def close(self) -> None:
-        for env in self.envs:
-            env.close()
-        self.envs = []
+        if getattr(self, "pool", None) is not None:
+            self.pool.close()
+            self.pool = None
+
+
+def _episode(i: int, job, record: dict) -> EpisodeRecord:
+    """The trainer's view of one played episode: each turn's context, ids, text, validity and the env's answer."""
+    episode = EpisodeRecord(job.episode_id, record["task"], record["task_type"], bool(record["success"]),
+                            float(record["score"]))
+    for t in job.turns:
+        g, step = t.generation, t.step
+        expert = step.get("expert")
+        episode.turns.append(TurnRecord(
+            episode=i, turn=t.turn, task=record["task"], messages=t.messages,
+            prompt_ids=list(g.prompt_ids or []) if g is not None else [],
+            token_ids=list(g.token_ids or []) if g is not None else [],
+            text=g.text if g is not None else step["response"], action_valid=bool(step["action_valid"]),
+            invalid_reason=step["invalid_reason"], feedback=step["observation"], source=t.writer,
+            finish_reason=g.finish_reason if g is not None else "stop", action=step["action"],
+            expert_action=expert["action"] if expert else None))
+    return episode

@@ -298,11 +298,12 @@ class Trainer:
             for p in self.model.parameters():
                 dist.broadcast(p.data, 0)
 
-    def student_policy(self, name: str = "student"):
-        """The live student as a ``sage_evals`` policy (generation reads the current weights)."""
+    def student_policy(self, name: str = "student", history=None):
+        """The live student as a policy (generation reads the current weights; a new one after every update, so
+        that no key/value cache of older weights is reused)."""
         from sage_models import HFPolicy
 
-        return HFPolicy(model=self.rollout_model or self.model, tokenizer=self.tokenizer, name=name)
+        return HFPolicy(model=self.rollout_model or self.model, tokenizer=self.tokenizer, name=name, history=history)
 
     def sync_rollout_model(self) -> None:
         """fsdp: gather the trained shards into the full generation copy (a collective: every rank calls it)."""
@@ -317,10 +318,10 @@ class Trainer:
                          logits_to_keep=1, use_cache=False)
         return out.hidden_states[-1], self.model.get_output_embeddings().weight
 
-    def teacher_policy(self):
+    def teacher_policy(self, history=None):
         from sage_models import HFPolicy
 
-        return HFPolicy(model=self.teacher.model, tokenizer=self.teacher.tokenizer, name="teacher")
+        return HFPolicy(model=self.teacher.model, tokenizer=self.teacher.tokenizer, name="teacher", history=history)
 
     # ---- phases ----------------------------------------------------------------------------------
     def collect(self, step: int) -> RolloutBatch:
@@ -339,18 +340,21 @@ class Trainer:
         seed = derive_seed(cfg.optim.seed, step)
         decoding = Decoding(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                             max_new_tokens=cfg.rollout.max_new_tokens, seed=seed)
+        from sage_models import TokenHistory
+
+        history = TokenHistory(self.tokenizer)  # student and teacher turns of one episode continue one another
         kwargs: dict[str, Any] = {}
         if cfg.algorithm == "guided_opd":
-            kwargs = dict(teacher=self.teacher_policy(), teacher_prob=self.beta(step))
+            kwargs = dict(teacher=self.teacher_policy(history), teacher_prob=self.beta(step))
         elif cfg.algorithm == "sft":
-            kwargs = dict(expert=True) if cfg.sft.source == "expert" else dict(teacher=self.teacher_policy(),
+            kwargs = dict(expert=True) if cfg.sft.source == "expert" else dict(teacher=self.teacher_policy(history),
                                                                                teacher_prob=1.0)
         if not kwargs.get("expert"):
             self.sync_rollout_model()
         self.model.eval()
         try:
-            return self.collector.collect([ids[i] for i in share], self.student_policy(), decoding, seed,
-                                          indices=list(share), **kwargs)
+            return self.collector.collect([ids[i] for i in share], self.student_policy(history=history), decoding,
+                                          seed, indices=list(share), **kwargs)
         finally:
             self.model.train()
 

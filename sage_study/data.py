@@ -26,7 +26,7 @@ def panel_ids(env_id: str, **env_kwargs: Any) -> list[str]:
 
     env = sage_gym.make(env_id, **env_kwargs)
     try:
-        return list(env.unwrapped.episode_ids)
+        return sage_gym.describe(env)["episode_ids"]
     finally:
         env.close()
 

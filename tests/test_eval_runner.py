@@ -190,20 +190,19 @@ def test_system_prompt_and_fewshot_shape_the_prompt_and_are_checked_on_resume(ti
 def test_progress_counts_turns_tokens_and_an_eta_before_any_episode_ends():
     """The ETA comes from turns played, so it exists while episodes are in flight (none finished yet: it
     assumes the turn cap) and uses the finished episodes' mean length once there are some."""
-    from sage_models.policy import Generation
     from sage_evals.runner import _Progress
 
     bar = _Progress(False, total=4, records=[], max_turns=10)
     assert bar.eta() is None
     bar.t0 -= 20.0  # 20 s into the run
-    bar.in_flight = 2
-    bar.turns_done([Generation("a", completion_tokens=30), Generation("b", completion_tokens=10)], 4.0, counted=False)
+    bar.in_flight(2)
+    bar.turns_done(2, 40, 4.0)  # one generate call: 2 turns, 40 new tokens in 4 s
     # 2 turns in 20 s; 2 live episodes with 9 turns left each at the cap, 2 unstarted with 10: 38 turns
     assert bar.eta() == pytest.approx(38 * 10.0, rel=0.01) and bar.rate() == pytest.approx(10.0)
     text = bar._text()
     assert "turns 2" in text and "2 in flight" in text and "10.0 tok/s" in text and "ETA 0:06:" in text
-    bar.advance({"success": True, "turns": 1}, played=1)  # one ends after 1 turn: episodes now look 1 turn long
-    bar.in_flight = 2
+    bar.finished({"success": True, "turns": 1}, played=1)  # one ends after 1 turn: episodes now look 1 turn long
+    bar.in_flight(2)
     assert bar.eta() == pytest.approx((2 * 1 - 1 + 1 * 1) * 10.0, rel=0.01)  # 1 live turn left, 1 unstarted
 
 

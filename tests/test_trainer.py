@@ -199,7 +199,7 @@ def test_env_worker_processes_collect_the_same_episodes(collector, tiny_models):
     dec = Decoding(temperature=1.0, max_new_tokens=8)
     workers = RolloutCollector("alfworld-train", 2, max_turns=2, processes=True)
     try:
-        procs = [env.proc for env in workers.envs]
+        procs = [w.process for w in workers.pool.workers]
         assert len({p.pid for p in procs}) == 2 and all(p.is_alive() for p in procs)
         remote = workers.collect(ids, student, dec, seed=3)
         expert = workers.collect(ids, None, dec, seed=3, expert=True)

@@ -1,9 +1,11 @@
-"""A pool of environment worker processes, one env each, for running many episodes at once.
+"""A pool of environment workers, one env each, for running many episodes at once.
 
 A worker owns one env and one episode at a time and builds that episode's record itself
-(steps, invalid turns, timings); the main process only sends it responses. Workers ignore
-Ctrl-C (the pool's owner stops them), exit when their pipe closes (the owner died, even by
-kill -9) and always close their env, so no game process or JVM outlives a run.
+(steps, invalid turns, timings, in the run format of docs/run-format.md); the main process
+sends it responses, or asks the episode's scripted agent (which needs the env) to act. Worker
+processes ignore Ctrl-C (the pool's owner stops them), exit when their pipe closes (the owner
+died, even by kill -9) and always close their env, so no game process or JVM outlives a run.
+``processes=False`` keeps the envs in this process behind the same interface.
 """
 
 from __future__ import annotations
@@ -39,13 +41,13 @@ def build_env(spec: EnvSpec, env_kwargs: dict[str, Any], env_server: str | None 
 class Episode:
     """One episode in a worker: resets the env and accumulates the run-format record."""
 
-    def __init__(self, env, episode_id: str, seed: int):
+    def __init__(self, env, env_id: str, episode_id: str, seed: int):
         self.env, self.t0 = env, time.perf_counter()
-        _, info = env.reset(seed=seed, options={"episode_id": episode_id})
+        self.observation, info = env.reset(seed=seed, options={"episode_id": episode_id})
         self.env_seconds = time.perf_counter() - self.t0
         self.info, self.done = info, False
         self.record: dict[str, Any] = {
-            "episode_id": episode_id, "seed": seed, "env_id": env.unwrapped.env_id,
+            "episode_id": episode_id, "seed": seed, "env_id": env_id,
             "task": info.get("task", ""), "task_type": info.get("task_type", ""), "success": False, "score": 0.0, "metrics": {},
             "turns": 0, "terminated": False, "truncated": False, "end_reason": None,
             "invalid_turns": dict.fromkeys(INVALID_REASONS, 0), "finish_reasons": {},
@@ -54,7 +56,7 @@ class Episode:
             "error": None, "messages": [], "steps": []}
 
     def step(self, response: str, prompt_tokens: int = 0, completion_tokens: int = 0, gen_seconds: float = 0.0,
-             finish_reason: str | None = None) -> None:
+             finish_reason: str | None = None) -> dict[str, Any]:
         """One turn; ``finish_reason`` says why the model's generation ended (None for scripted agents)."""
         t = time.perf_counter()
         obs, reward, terminated, truncated, info = self.env.step(response)
@@ -78,6 +80,7 @@ class Episode:
         self.info, self.done = info, terminated or truncated
         if self.done:
             self.end(TERMINATED if terminated else TURN_CAP)
+        return step
 
     def end(self, reason: str) -> None:
         """Close the record: the game or the turn cap ended the episode, or (``CONTEXT_LIMIT``) the runner did
@@ -89,65 +92,84 @@ class Episode:
                            env_seconds=self.env_seconds, seconds=time.perf_counter() - self.t0)
 
 
-def _play(env, episode_id: str, seed: int, agent_name: str, agent_kwargs: dict) -> dict:
-    """A whole episode of a scripted agent (it needs the env, so it runs here)."""
+def make_scripted(name: str, kwargs: dict, seed: int, key: str):
+    """A scripted agent for one episode; seeded agents get the seed of the episode's turn 0."""
     from sage_gym.agents import AGENTS, make_agent
 
     from sage_models import turn_seed
 
-    seeded = getattr(AGENTS.get(agent_name), "seeded", False)
-    kwargs = {"seed": turn_seed(seed, episode_id, 0), **agent_kwargs} if seeded else agent_kwargs
-    agent = make_agent(agent_name, **kwargs)
-    episode = Episode(env, episode_id, seed)
-    agent.reset(env, episode.info)
-    while not episode.done:
-        episode.step(agent.act(env, episode.info))
-    return episode.record
+    seeded = getattr(AGENTS.get(name), "seeded", False)
+    return make_agent(name, **({"seed": turn_seed(seed, key, 0), **kwargs} if seeded else kwargs))
+
+
+class EnvWorker:
+    """One env and its current episode, answering the runner's messages (in a worker process or in this one).
+
+    ("reset", episode_id, seed, agent) -> ("obs", messages, None); ``agent`` is None or (name, kwargs, key) of the
+    episode's scripted agent. ("step", response, prompt_tokens, completion_tokens, gen_seconds, finish) and ("act",)
+    (the scripted agent writes the response) -> ("obs", messages, step) or ("done", record, step).
+    ("end", reason) -> ("done", record, None)."""
+
+    def __init__(self, env):
+        self.env, self.episode, self.agent = env, None, None
+        self.info = env_info(env)
+
+    def handle(self, msg: tuple) -> tuple:
+        kind = msg[0]
+        if kind == "reset":
+            _, episode_id, seed, agent = msg
+            self.episode = Episode(self.env, self.info["env_id"], episode_id, seed)
+            self.agent = make_scripted(agent[0], agent[1], seed, agent[2]) if agent else None
+            if self.agent is not None:
+                self.agent.reset(self.env, self.episode.info)
+            return ("obs", self.episode.info["messages"], None)
+        if kind == "end":
+            self.episode.end(msg[1])
+            return ("done", self.episode.record, None)
+        if kind == "act":
+            step = self.episode.step(self.agent.act(self.env, self.episode.info))
+        elif kind == "step":
+            step = self.episode.step(*msg[1:])
+        else:
+            raise ValueError(f"unknown worker message {kind!r}")
+        done = self.episode.done
+        return ("done", self.episode.record, step) if done else ("obs", self.episode.info["messages"], step)
+
+
+def env_info(env) -> dict[str, Any]:
+    """What the runner needs to know of an env: its panel, turn cap, history window and stop strings."""
+    return env.unwrapped.describe()
 
 
 def worker_main(conn: Connection, spec: EnvSpec, env_kwargs: dict, env_server: str | None) -> None:
-    """Worker loop. Messages: ("reset", ep, seed) -> ("obs", messages); ("step", response, p, c, s, finish) ->
-    ("obs", messages) or ("done", record); ("end", reason) -> ("done", record);
-    ("play", ep, seed, agent, kwargs) -> ("done", record)."""
+    """Worker process loop: ("ready", env_info) once, then an ``EnvWorker`` reply per message until ("close",)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # runs the finally below
     env = None
     try:
         try:
             env = build_env(spec, env_kwargs, env_server)
-            u = env.unwrapped
-            conn.send(("ready", {"episode_ids": list(u.episode_ids), "max_turns": u.max_turns,
-                                 "history_window": u.formatter.history_window, "stop": list(u.stop)}))
+            worker = EnvWorker(env)
+            conn.send(("ready", worker.info))
         except Exception as err:  # noqa: BLE001 - reported to the owner, which raises it
             try:
                 conn.send(("fatal", err))
             except Exception:  # noqa: BLE001 - an exception that does not pickle
                 conn.send(("fatal", RuntimeError(f"building {spec.env_id} failed: {err!r}")))
             return
-        episode = None
         while True:
             try:
                 msg = conn.recv()
             except (EOFError, OSError):
                 return  # the owner is gone
+            if msg[0] == "close":
+                return
             try:
-                if msg[0] == "reset":
-                    episode = Episode(env, msg[1], msg[2])
-                    conn.send(("obs", episode.info["messages"]))
-                elif msg[0] == "step":
-                    episode.step(*msg[1:])
-                    conn.send(("done", episode.record) if episode.done else ("obs", episode.info["messages"]))
-                elif msg[0] == "end":
-                    episode.end(msg[1])
-                    conn.send(("done", episode.record))
-                elif msg[0] == "play":
-                    conn.send(("done", _play(env, *msg[1:])))
-                elif msg[0] == "close":
-                    return
+                conn.send(worker.handle(msg))
             except (BrokenPipeError, EOFError, ConnectionError):
                 return  # the owner is gone (killed): nobody to answer
             except Exception:  # noqa: BLE001 - the owner restarts this worker and retries the episode
-                conn.send(("error", traceback.format_exc(limit=8)))
+                conn.send(("error", traceback.format_exc(limit=8), None))
     finally:
         if env is not None:
             env.close()
@@ -266,3 +288,54 @@ class EnvPool:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+
+class LocalPool:
+    """``EnvPool``'s interface over ``n`` envs in this process: each message is answered when it is sent (no
+    parallel stepping, no process to restart; an env that raised is rebuilt)."""
+
+    def __init__(self, spec: EnvSpec, n: int, env_kwargs: dict | None = None, env_server: str | None = None,
+                 timeout: float = 600.0):
+        self.spec, self.env_kwargs, self.env_server = spec, dict(env_kwargs or {}), env_server
+        self.workers: list[EnvWorker] = []
+        self._replies: dict[int, tuple] = {}
+        try:
+            self.workers = [EnvWorker(build_env(spec, self.env_kwargs, env_server)) for _ in range(n)]
+        except BaseException:
+            self.close()
+            raise
+        self.info = self.workers[0].info
+
+    def send(self, i: int, *msg: Any) -> None:
+        try:
+            self._replies[i] = self.workers[i].handle(msg)
+        except Exception:  # noqa: BLE001 - as a worker process would report it
+            self._replies[i] = ("error", traceback.format_exc(limit=8), None)
+
+    def recv(self, i: int, timeout: float | None = None) -> tuple:
+        if i not in self._replies:
+            raise WorkerFailed(i, f"env {i} was sent nothing to answer")
+        return self._replies.pop(i)
+
+    def ready(self, indexes: list[int]) -> list[int]:
+        return [i for i in indexes if i in self._replies]
+
+    def restart(self, i: int) -> None:
+        self.workers[i].env.close()
+        self.workers[i] = EnvWorker(build_env(self.spec, self.env_kwargs, self.env_server))
+
+    def pids(self) -> list[int]:
+        import os
+
+        return [os.getpid()] * len(self.workers)
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.env.close()
+        self.workers = []
+
+    def __enter__(self) -> LocalPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
