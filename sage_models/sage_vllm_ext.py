@@ -49,8 +49,3 @@ class SageWeightSync:
         self.model_runner.reload_weights(weights_iterator=iter(list(state_dict.items())))
         repacked = _repack_embeddings(self.model_runner.get_model())
         return {"seconds": round(time.perf_counter() - t, 4), "repacked": repacked}
-
-    def sage_weight_sums(self) -> dict:
-        """Cheap fingerprint of the loaded weights (sum of each kept parameter), for debugging a sync."""
-        model = self.model_runner.get_model()
-        return {n: float(p.detach().double().sum()) for n, p in model.named_parameters() if p.numel()}

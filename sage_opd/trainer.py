@@ -397,7 +397,7 @@ class Trainer:
                 model.save_pretrained(folder)  # the adapter only
                 self.engine.load_lora(f"student-step-{self.step}", folder)
             else:
-                _unwrap(model).save_pretrained(folder)
+                model.save_pretrained(folder)
                 self.engine.sync_folder(folder)
             for old in folder.parent.glob("step-*"):
                 if old != folder:
@@ -783,14 +783,8 @@ class Trainer:
             self._lock = None
 
 
-def _unwrap(model):
-    """The transformers model under DDP/compile wrappers."""
-    return getattr(model, "module", model)
-
-
 def _plain_state_dict(model) -> dict[str, torch.Tensor]:
     """The student's weights under transformers' names; a LoRA student's adapters merged into them."""
-    model = _unwrap(model)
     if hasattr(model, "merge_adapter"):  # peft: merge, read the base weights under their plain names, unmerge
         model.merge_adapter()
         try:
