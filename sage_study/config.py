@@ -35,12 +35,14 @@ class DataConfig:
     expert: int = 600  # the hand-coded expert: the teacher's imitation data
     noisy: int = 200  # the expert with epsilon-random mistakes: its recoveries (imitation) and judge examples
     epsilon: float = 0.25
-    swaps: int = 3  # copies of each teacher imitation episode with the target object renamed (data.swap_object)
     warm: int = 8  # expert episodes the student is warm-started on (so that it writes valid actions)
     judge: int = 150  # warm-student rollouts labelled by the expert: judge examples
     heldout: int = 60  # games whose noisy and student turns measure the judge (never trained on)
     pool: int = 200  # the games the distillation runs sample their rollouts from
     pool_source: Literal["fresh", "expert"] = "fresh"  # fresh: games in no SFT data; expert: the first expert games the expert won
+    warm_from_pool: bool = False  # pool_source expert: the warm start's games begin with the pool's (it saw them once)
+    noisy_pool: int = 0  # pool_source expert: noisy plays of each pool game (the teacher's recoveries on its games)
+    pool_max_turns: int | None = None  # pool_source expert: only games the expert won within this many turns
     seed: int = 0
     workers: int = 2
 
@@ -53,6 +55,7 @@ class ModelConfig:
     path: str | None = None
     arch: Arch = field(default_factory=Arch)
     sft: SftConfig = field(default_factory=SftConfig)
+    swaps: int = 3  # object-renamed copies of each imitation episode (data.swap_object): they teach copying the task
     judge_share: float = 0.5  # teacher only: judgment examples per imitation example (before balancing)
 
 

@@ -44,14 +44,14 @@ def split_games(ids: Sequence[str], sizes: dict[str, int], seed: int) -> dict[st
     return out
 
 
-def play(policy: str, env_id: str, episode_ids: Sequence[str], out_dir: str | Path, *, seed: int = 0,
+def play(policy: str, env_id: str, episode_ids: Sequence[str], out_dir: str | Path, *, seeds: Sequence[int] = (0,),
          workers: int = 2, max_turns: int | None = None, decoding=None, model_opts: dict | None = None,
          progress: bool = True) -> list[dict]:
-    """Play ``episode_ids`` once each with ``policy`` (a model path or a scripted agent such as ``handcoded``)
+    """Play ``episode_ids`` once per seed with ``policy`` (a model path or a scripted agent such as ``handcoded``)
     through ``sage_evals.runner.evaluate`` with expert labels on; returns the episode records (resumable)."""
     from sage_evals.runner import RunFolder, check_errors, evaluate
 
-    check_errors(evaluate(policy, env_id, seeds=[seed], workers=workers, episode_ids=list(episode_ids),
+    check_errors(evaluate(policy, env_id, seeds=list(seeds), workers=workers, episode_ids=list(episode_ids),
                           out_dir=out_dir, decoding=decoding, env_kwargs={"max_turns": max_turns, "expert_labels": True},
                           model_opts=model_opts, progress=progress))
     return RunFolder(out_dir).records()

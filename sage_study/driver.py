@@ -84,11 +84,15 @@ class Study:
         build = self.cfg.teacher.path is None
         out = [Stage("games", lambda: s.pick_games(self))]
         if build:
-            out.append(Stage("expert", lambda: s.play_expert(self, "expert", 0.0)))
-            if self.cfg.data.pool_source == "expert":
+            d = self.cfg.data
+            out.append(Stage("expert", lambda: s.play_expert(self, "expert", "expert", 0.0)))
+            if d.pool_source == "expert":
                 out.append(Stage("pool", lambda: s.pick_pool(self)))
-            out += [Stage("noisy", lambda: s.play_expert(self, "noisy", self.cfg.data.epsilon)),
-                    Stage("heldout_noisy", lambda: s.play_expert(self, "heldout", self.cfg.data.epsilon)),
+                if d.noisy_pool:
+                    out.append(Stage("noisy_pool", lambda: s.play_expert(self, "pool", "noisy-pool", d.epsilon,
+                                                                         plays=d.noisy_pool)))
+            out += [Stage("noisy", lambda: s.play_expert(self, "noisy", "noisy", d.epsilon)),
+                    Stage("heldout_noisy", lambda: s.play_expert(self, "heldout", "heldout-noisy", d.epsilon)),
                     Stage("tokenizer", lambda: s.train_tokenizer(self))]
         if self.cfg.student.path is None:
             out.append(Stage("student_warm", lambda: s.warm_student(self)))

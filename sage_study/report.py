@@ -79,6 +79,16 @@ def compare(base: dict[str, list[dict]], other: dict[str, list[dict]]) -> dict[s
             "p_sign_flip": paired.p_value, "mcnemar": mcn, "mcnemar_p_min": min((m["p"] for m in mcn), default=None)}
 
 
+def by_task_type(base: dict[str, list[dict]], other: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
+    """``compare`` restricted to the games of each task type (the episodes' ``task_type``)."""
+    types = sorted({e.get("task_type") or "-" for eps in list(base.values()) + list(other.values()) for e in eps})
+
+    def only(runs: dict[str, list[dict]], kind: str) -> dict[str, list[dict]]:
+        return {k: [e for e in eps if (e.get("task_type") or "-") == kind] for k, eps in runs.items()}
+
+    return {kind: compare(only(base, kind), only(other, kind)) for kind in types}
+
+
 def _fmt(x: float | None, pct: bool = True, digits: int = 1) -> str:
     if x is None:
         return "-"
@@ -185,7 +195,8 @@ def write_report(study: Study) -> dict[str, Any]:
             if baseline is not None and name not in (cfg.baseline, "teacher", "student-warm"):
                 base = {k.split("-seed")[-1]: v.get(panel, []) for k, v in baseline.items()}
                 other = {k.split("-seed")[-1]: v.get(panel, []) for k, v in runs.items()}
-                comparisons.append({"model": name, "panel": panel, **compare(base, other)})
+                comparisons.append({"model": name, "panel": panel, **compare(base, other),
+                                    "by_task_type": by_task_type(base, other)})
     plots = out / PLOTS
     figures = _plot_curves(study, plots) if cfg.methods else []
     figures += [_plot_methods(table, p, plots) for p in panels]
@@ -278,6 +289,14 @@ def render_markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {c['model']} | {c['panel']} | {c['n_games']} | {_fmt(c['diff'])} | "
                          f"[{_fmt(c['ci95'][0])}, {_fmt(c['ci95'][1])}] | {c['p_sign_flip']:.3g} | "
                          f"{_fmt(c['mcnemar_p_min'], pct=False, digits=3)} |")
+        typed = [(c, kind, t) for c in r["comparisons"] for kind, t in (c.get("by_task_type") or {}).items()
+                 if t.get("n_games")]
+        if typed:
+            lines += ["", "Per task type (same tests, on the games of that type):", "",
+                      "| method | panel | task type | games | diff (pts) | 95% CI | sign-flip p |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [f"| {c['model']} | {c['panel']} | {kind} | {t['n_games']} | {_fmt(t['diff'])} | "
+                      f"[{_fmt(t['ci95'][0])}, {_fmt(t['ci95'][1])}] | {t['p_sign_flip']:.3g} |" for c, kind, t in typed]
     j = r["judge"]
     lines += ["", "## The judge", ""]
     if j.get("held_out"):

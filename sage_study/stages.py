@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,11 @@ def _play_info(records: list[dict]) -> dict[str, Any]:
     return {"episodes": n, "success": sum(r["success"] for r in records) / max(n, 1),
             "turns_mean": sum(r["turns"] for r in records) / max(n, 1),
             "errors": sum(bool(r.get("error")) for r in records)}
+
+
+def _noisy(study: Study) -> list[dict]:
+    """Noisy expert play of the teacher's games: the noisy games, and the pool games' noisy plays if any."""
+    return _records(study, "noisy") + (_records(study, "noisy-pool") if study.cfg.data.noisy_pool else [])
 
 
 def _history_messages(study: Study) -> int:
@@ -52,23 +58,26 @@ def pick_games(study: Study) -> dict[str, Any]:
 
 def pick_pool(study: Study) -> dict[str, Any]:
     """``pool_source: expert``: the rollout pool is the first ``data.pool`` expert games that the expert won within
-    the turn cap (and that are not warm-start games), so that the teacher, trained on them, can win them."""
+    the turn cap, or within ``data.pool_max_turns`` (and that are not warm-start games), so that the teacher,
+    trained on them, can win them."""
     from sage_study.driver import atomic_json
 
-    games = study.games()
-    won = {r["episode_id"] for r in _records(study, "expert") if r["success"]}
+    games, cap = study.games(), study.cfg.data.pool_max_turns
+    won = {r["episode_id"] for r in _records(study, "expert") if r["success"] and (cap is None or r["turns"] <= cap)}
     warm = set(games.get("warm", []))
     games["pool"] = [g for g in games["expert"] if g in won and g not in warm][:study.cfg.data.pool]
+    if study.cfg.data.warm_from_pool:
+        games["warm"] = (games["pool"] + games["warm"])[:len(games["warm"])]
     atomic_json(study.out / "games.json", games)
-    return {"pool": len(games["pool"])}
+    return {"pool": len(games["pool"]), "warm": len(games["warm"])}
 
 
-def play_expert(study: Study, name: str, epsilon: float) -> dict[str, Any]:
-    """The hand-coded expert (with ``epsilon`` random mistakes) on the ``name`` games, expert labels on."""
+def play_expert(study: Study, games: str, folder: str, epsilon: float, plays: int = 1) -> dict[str, Any]:
+    """The hand-coded expert (with ``epsilon`` random mistakes) on the ``games`` list, ``plays`` seeds each,
+    expert labels on, into ``data/<folder>``."""
     cfg = study.cfg
-    records = D.play("handcoded", cfg.envs.train, study.games()[name], study.data_dir(name if name != "heldout"
-                                                                                        else "heldout-noisy"),
-                     workers=cfg.data.workers, max_turns=cfg.envs.max_turns,
+    records = D.play("handcoded", cfg.envs.train, study.games()[games], study.data_dir(folder),
+                     seeds=range(plays), workers=cfg.data.workers, max_turns=cfg.envs.max_turns,
                      model_opts={"epsilon": epsilon} if epsilon else None)
     return _play_info(records)
 
@@ -77,7 +86,7 @@ def train_tokenizer(study: Study) -> dict[str, Any]:
     """Byte-level BPE on the text of the expert and noisy episodes (train split only) plus the prompts."""
     from sage_study.models import train_tokenizer as train
 
-    records = _records(study, "expert") + _records(study, "noisy")
+    records = _records(study, "expert") + _noisy(study)
     tokenizer = train(D.corpus(records), study.cfg.tokenizer_vocab)
     tokenizer.save_pretrained(study.tokenizer_path)
     return {"vocab": len(tokenizer)}
@@ -104,7 +113,8 @@ def warm_student(study: Study) -> dict[str, Any]:
     """The student trained briefly on a few expert episodes, so that it writes valid actions."""
     warm = set(study.games()["warm"])
     records = [r for r in _records(study, "expert") if r["episode_id"] in warm]
-    return _sft(study, "student", D.imitation_examples(records), study.student_path)
+    examples = D.with_swaps(records, study.cfg.student.swaps, study.cfg.data.seed)
+    return {**_sft(study, "student", examples, study.student_path), "warm_games": len(records)}
 
 
 def student_rollouts(study: Study) -> dict[str, Any]:
@@ -118,7 +128,7 @@ def student_rollouts(study: Study) -> dict[str, Any]:
 
 def _judge_data(study: Study, games: set[str]) -> list:
     """Labelled judge turns of the noisy expert and the student on ``games``."""
-    records = [r for r in _records(study, "noisy") + _records(study, "heldout-noisy") + _records(study, "student")
+    records = [r for r in _noisy(study) + _records(study, "heldout-noisy") + _records(study, "student")
                if r["episode_id"] in games]
     return D.judge_turns(records)
 
@@ -126,8 +136,9 @@ def _judge_data(study: Study, games: set[str]) -> list:
 def train_teacher(study: Study) -> dict[str, Any]:
     """The teacher: imitation of the expert (and of its recoveries in noisy play) plus judgment examples."""
     cfg, games = study.cfg, study.games()
-    imitation = D.with_swaps(_records(study, "expert") + _records(study, "noisy"), cfg.data.swaps, cfg.data.seed)
-    labelled = D.balance(_judge_data(study, set(games["noisy"]) | set(games["judge"])), cfg.data.seed)
+    imitation = D.with_swaps(_records(study, "expert") + _noisy(study), cfg.teacher.swaps, cfg.data.seed)
+    judged = set(games["noisy"]) | set(games["judge"]) | (set(games["pool"]) if cfg.data.noisy_pool else set())
+    labelled = D.balance(_judge_data(study, judged), cfg.data.seed)
     labelled = labelled[:int(cfg.teacher.judge_share * len(imitation))]
     examples = imitation + D.judge_examples(labelled, _history_messages(study))
     info = _sft(study, "teacher", examples, study.teacher_path)
@@ -223,23 +234,42 @@ def report(study: Study) -> dict[str, Any]:
 
 
 class _StepBar:
-    """A rich progress bar with ETA for a loop of steps (``update(step, total, loss)``)."""
+    """Progress of a loop of steps (``update(step, total, loss)``): a rich bar with ETA on a terminal, a plain
+    line at most every ``every`` seconds (and at the end) when the output goes to a log."""
 
-    def __init__(self, label: str, total: int | None = None, done: int = 0):
+    def __init__(self, label: str, total: int | None = None, done: int = 0, every: float = 10.0):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
             TimeRemainingColumn
 
+        from sage_study.driver import console
+
+        self.label, self.every, self.console = label, every, console
+        self.plain = not console.is_terminal
+        self.start = self.shown = time.perf_counter()
+        self.first = done
         self.progress = Progress(TextColumn(f"[bold blue]{label}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
+                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                                 console=console)
         self.task = self.progress.add_task(label, total=total, completed=done, status="")
 
     def __enter__(self) -> _StepBar:
-        self.progress.start()
+        if not self.plain:
+            self.progress.start()
         return self
 
     def update(self, step: int, total: int, loss: float | None = None) -> None:
-        self.progress.update(self.task, completed=step, total=total,
-                             status=f"loss {loss:.4f}" if loss is not None else "")
+        status = f"loss {loss:.4f}" if loss is not None else ""
+        if not self.plain:
+            self.progress.update(self.task, completed=step, total=total, status=status)
+            return
+        now = time.perf_counter()
+        if now - self.shown < self.every and step < total:
+            return
+        self.shown, elapsed = now, now - self.start
+        rate = (step - self.first) / elapsed if elapsed > 0 else 0.0
+        eta = f", about {(total - step) / rate:.0f} s left" if rate > 0 and step < total else ""
+        self.console.print(f"{self.label}: step {step}/{total} {status} ({elapsed:.0f} s{eta})", highlight=False)
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        if not self.plain:
+            self.progress.stop()

@@ -119,3 +119,41 @@ def test_swapped_copies_rename_the_target_object_everywhere():
     assert "mug" not in text and other != "mug" and other in D.object_names() and f"take {other} 1" in text
     assert swapped.train_turns == example.train_turns and len(swapped.messages) == len(example.messages)
     assert len(D.with_swaps([record], 3, seed=0)) == 4
+
+
+
+def test_copy_warmup_makes_a_fresh_model_predict_a_span_better_the_second_time_it_reads_it():
+    """On held-out spans of text, a model that only learnt the language would predict a span's repeat no better
+    than its first reading; copy_warmup trains the repeat, so after it the repeat must cost clearly less than the
+    first reading (measured: 3.3 against 3.8 nats per token after 120-200 steps; both 6.3 before)."""
+    import torch.nn.functional as F
+
+    from sage_models.tiny import _corpus, build_model, build_tokenizer
+    from sage_study.sft import copy_warmup
+
+    lines = _corpus(3000, seed=0)
+    tok = build_tokenizer(512, lines)
+    ids = [i for line in lines for i in tok(line, add_special_tokens=False)["input_ids"]]
+    cut = int(0.8 * len(ids))
+    texts = [ids[k:k + 300] for k in range(0, cut - 300, 300)]
+    held_out = [ids[k:k + 40] for k in range(cut, len(ids) - 40, 40)][:16]
+    sep = tok.eos_token_id
+
+    def first_and_repeat(model) -> tuple[float, float]:
+        first = repeat = 0.0
+        with torch.no_grad():
+            for span in held_out:
+                row = torch.tensor([span + [sep] + span])
+                ce = F.cross_entropy(model(input_ids=row).logits[0, :-1], row[0, 1:], reduction="none")
+                first += float(ce[:len(span) - 1].mean()) / len(held_out)
+                repeat += float(ce[len(span):].mean()) / len(held_out)
+        return first, repeat
+
+    model = build_model(tok, "student", seed=0, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2)
+    before = first_and_repeat(model)
+    copy_warmup(model, texts, SftConfig(lr=2e-3, copy_steps=150, copy_batch=16), sep)
+    model.eval()
+    first, repeat = first_and_repeat(model)
+    assert abs(before[0] - before[1]) < 0.1 and first < before[0] - 1.0, (before, first, repeat)
+    assert repeat < first - 0.25, (before, first, repeat)

