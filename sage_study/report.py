@@ -220,7 +220,7 @@ def write_report(study: Study) -> dict[str, Any]:
     stages = {name: rec.get("seconds") for name, rec in _stage_records(study).items()}
     results = {"profile": cfg.profile, "config": cfg.to_dict(), "panels": panels, "table": table,
                "comparisons": comparisons, "judge": judge, "training": training, "stage_seconds": stages,
-               "figures": figures, "version": _version(), "commit": _commit()}
+               "figures": figures, "version": _version(), "commit": _commit(), "command": _command()}
     from sage_study.driver import atomic_json
 
     atomic_json(out / "results.json", results)
@@ -250,6 +250,14 @@ def _version() -> str:
     return sage_gym.__version__
 
 
+def _command() -> str:
+    """The command line that wrote this report (``sage study ...``)."""
+    import shlex
+    import sys
+
+    return shlex.join(["sage", *sys.argv[1:]])
+
+
 def _commit() -> str | None:
     from sage_evals.runner import git_commit
 
@@ -264,6 +272,7 @@ def render_markdown(r: dict[str, Any]) -> str:
              + ", ".join(_panel_text(cfg, p) for p in r["panels"])
              + f"; evaluation seeds {cfg['eval']['seeds']}, temperature {cfg['eval']['temperature']}, "
              f"at most {cfg['eval']['max_new_tokens']} new tokens per turn, turn cap {cfg['envs']['max_turns']}.",
+             "", f"Written by `{r.get('command', 'sage study')}`.",
              "", "## Success by model", "",
              "Mean success over games (each game averaged over all its episodes) with a 95% game-bootstrap "
              "interval; std over seeds is the std of per-run (or per-evaluation-seed) means.", "",
