@@ -20,8 +20,7 @@ import yaml
 from sage_gym.durable import atomic_write
 from sage_gym.envargs import parse_key_value
 from sage_gym.errors import SageError
-
-ALGORITHMS = ("opd", "sage_opd", "guided_opd", "sft")
+from sage_opd.algorithm import algorithm_for
 
 
 class ConfigError(SageError, ValueError):
@@ -61,8 +60,8 @@ class TeacherConfig:
 
 @dataclass
 class LossConfig:
-    """SPEC section 4 options. ``opd`` and ``guided_opd`` force intervention=all, confidence=none and
-    normalization=standard (sum(l) / N); ``sage_opd`` takes preserve or none."""
+    """SPEC section 4 options. Only ``sage_opd`` reads intervention, confidence and normalization (preserve or
+    none); the other algorithms train with i = 1, c = 1 and sum(l) / N (``Algorithm.loss_options``)."""
 
     token_loss: Literal["reverse_kl", "sampled", "forward_kl", "jsd"] = "reverse_kl"
     jsd_beta: float = 0.5
@@ -179,12 +178,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def effective_loss(self) -> LossConfig:
-        """The loss options the algorithm really uses: ``opd`` is SAGE-OPD with every selection switched off."""
-        if self.algorithm in ("opd", "guided_opd"):
-            return dataclasses.replace(self.loss, intervention="all", confidence="none", normalization="standard")
-        return self.loss
 
 
 # ---- building from dicts ------------------------------------------------------------------
@@ -328,10 +321,13 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"guided.rho must be in (0, 1], got {cfg.guided.rho}")
     if not 0.0 <= cfg.loss.tau <= 1.0:
         raise ConfigError(f"loss.tau must be in [0, 1], got {cfg.loss.tau}")
-    needs_teacher = cfg.algorithm != "sft" or cfg.sft.source == "teacher"
-    if needs_teacher and not (cfg.teacher.path or cfg.teacher.server_url):
+    algorithm = algorithm_for(cfg.algorithm, cfg.sft.source)
+    if algorithm.needs_teacher and not (cfg.teacher.path or cfg.teacher.server_url):
         raise ConfigError(f"algorithm {cfg.algorithm!r} needs teacher.path (or teacher.server_url)")
-    if cfg.algorithm == "sage_opd" and cfg.loss.normalization == "standard":
+    if algorithm.teacher_writes and cfg.teacher.server_url is not None:
+        raise ConfigError(f"{cfg.algorithm} needs the teacher to generate turns with token ids; a teacher server "
+                          "(teacher.server_url) only scores them: use an in-process teacher (teacher.path)")
+    if algorithm.selective and cfg.loss.normalization == "standard":
         raise ConfigError("loss.normalization=standard (sum(l) / N, no turn selection) is what algorithm=opd uses; "
                           "sage_opd accepts preserve (sum(w l) / sum(w)) or none (sum(w l) / N)")
     if len(cfg.optim.betas) != 2:

@@ -7,8 +7,8 @@ Chunked objective (what the trainer calls; never builds a [tokens x vocab] tenso
     opd_loss(student_hidden [..., H], student_weight [V, H], teacher: DenseTeacher | SparseTeacher,
              *, mask [...] bool = None, target_ids [...] long = None, intervention [...] float = None,
              token_loss="reverse_kl", confidence="entropy", normalization="preserve",
-             beta=0.5, chunk_size=256) -> OpdLoss(loss, no_update, num_tokens, weight_sum,
-                                                  token_loss_mean, confidence_mean, kl_mean)
+             beta=0.5, chunk_size=256) -> OpdLoss(loss, no_update, num_tokens, weight_sum, token_loss_mean,
+                                                  confidence_mean, intervention_mean, weighted_sum)
     DenseTeacher(hidden [..., Ht], weight [V, Ht])       # in-process teacher: full vocabulary
     SparseTeacher(ids [..., k], logprobs [..., k], token_logprobs [...])  # remote teacher: top-k only
 
@@ -23,6 +23,7 @@ Unchunked reference functions on logits (the definitions; used by tests and the 
     token_losses(student_logits [N, V], teacher_logits [N, V], kind, target_ids=None, beta=0.5) -> [N]
     teacher_confidence(teacher_logits [N, V], kind) -> [N]          # no gradient
     normalize(token_losses [N], weights [N], mode) -> (loss, no_update)
+    loss_denominator(mode, weight_sum, num_tokens) -> D or None    # L = sum(w l) / D: the one place D is chosen
     reference_opd_loss(student_logits, teacher_logits, ...) -> OpdLoss
 
 How the chunked objective stays cheap: the weights w = i * c are stop-gradient and known per
@@ -150,22 +151,30 @@ def teacher_confidence(teacher_logits: torch.Tensor, kind: str = "entropy") -> t
     return _confidence(logq, kind, math.log(logq.shape[-1]))
 
 
+def loss_denominator(mode: str, weight_sum: float, num_tokens: int, eps: float = 1e-8) -> float | None:
+    """D of L = sum(w l) / D (SPEC section 4): ``preserve`` sum(w); ``none`` N, the number of response tokens;
+    ``standard`` (standard OPD, where every w is 1) N. None when D <= eps: there is nothing to learn from
+    (every weight ~0, or no token), so no update is made."""
+    _check("normalization", mode, (*NORMALIZATIONS, "standard"))
+    denominator = float(weight_sum) if mode == "preserve" else float(num_tokens)
+    return denominator if denominator > eps else None
+
+
 def normalize(token_losses: torch.Tensor, weights: torch.Tensor, mode: str = "preserve",
               eps: float = 1e-8) -> tuple[torch.Tensor, bool]:
     """Weighted loss over N response tokens: preserve sum(w l)/sum(w), none sum(w l)/N.
 
-    With ``preserve`` and sum(w) <= eps the loss is a zero that still backpropagates (zero
-    gradients) and ``no_update`` is True, so the trainer can skip and log the step.
+    With nothing to normalise by (``loss_denominator`` is None: sum(w) <= eps under preserve, or no
+    token) the loss is a zero that still backpropagates (zero gradients) and ``no_update`` is True,
+    so the trainer can skip and log the step.
     """
     _check("normalization", mode, NORMALIZATIONS)
     weights = weights.detach()
     total = (weights * token_losses).sum()
-    if mode == "none":
-        return total / max(token_losses.numel(), 1), False
-    weight_sum = weights.sum()
-    if weight_sum <= eps:
+    denominator = loss_denominator(mode, weights.sum(), token_losses.numel(), eps)
+    if denominator is None:
         return total * 0.0, True
-    return total / weight_sum, False
+    return total / denominator, False
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,6 +238,7 @@ class OpdLoss:
     token_loss_mean: float  # mean token loss over the N tokens (unweighted)
     confidence_mean: float
     intervention_mean: float  # token-averaged i
+    weighted_sum: torch.Tensor | None = None  # sum(w l), differentiable: what a caller normalising a larger batch adds
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,10 +246,10 @@ class OpdLoss:
 
 
 class _ChunkedOpd(torch.autograd.Function):
-    """sum(w * l) * scale with gradients computed chunk by chunk in forward (w stop-gradient)."""
+    """sum(w * l) with gradients computed chunk by chunk in forward (w stop-gradient)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher, target_ids, intervention, kind, conf_kind, norm, beta, chunk_size, eps):
+    def forward(ctx, hidden, weight, teacher, target_ids, intervention, kind, conf_kind, beta, chunk_size):
         n, v = hidden.shape[0], weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -281,21 +291,17 @@ class _ChunkedOpd(torch.autograd.Function):
             if need_w:
                 grad_w.addmm_(grad.T, h.to(acc))
         weight_sum = (intervention.to(acc) * confs).sum()
-        no_update = norm == "preserve" and bool(weight_sum <= eps)
-        scale = 0.0 if no_update else 1.0 / (float(weight_sum) if norm == "preserve" else max(n, 1))
-        ctx.scale = scale
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(losses, confs, weight_sum)
-        return weighted * scale, losses, confs, weight_sum
+        return weighted, losses, confs, weight_sum
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_losses, _grad_confs, _grad_wsum):
         grad_h, grad_w = ctx.saved_tensors
-        g = grad_loss * ctx.scale
-        return (grad_h * g.to(grad_h.dtype) if grad_h is not None else None,
-                (grad_w * g).to(ctx.weight_dtype) if grad_w is not None else None,
-                None, None, None, None, None, None, None, None, None)
+        return (grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None,
+                (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None,
+                None, None, None, None, None, None, None)
 
 
 def opd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher: DenseTeacher | SparseTeacher,
@@ -308,7 +314,8 @@ def opd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher
     Standard OPD is ``confidence="none"`` with i = 1 (``intervention=None``): L = sum(l) / N.
     ``mask`` (same leading shape as every per-token argument, teacher included) keeps only the
     positions that predict student response tokens. Gradients flow into ``student_hidden`` and,
-    when it requires grad, ``student_weight``; the teacher is frozen.
+    when it requires grad, ``student_weight``; the teacher is frozen. ``weighted_sum`` is sum(w l)
+    before normalisation, for callers that normalise over a larger batch (``loss_denominator``).
     """
     _check("token_loss", token_loss, TOKEN_LOSSES)
     _check("confidence", confidence, CONFIDENCES)
@@ -336,12 +343,14 @@ def opd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher
     target_ids = target_ids.reshape(-1) if target_ids is not None else None
     intervention = (intervention.reshape(-1).detach() if intervention is not None
                     else torch.ones(n, dtype=torch.float32, device=hidden.device))
-    loss, losses, confs, weight_sum = _ChunkedOpd.apply(hidden, student_weight, teacher, target_ids, intervention,
-                                                        token_loss, confidence, normalization, beta, chunk_size, eps)
-    no_update = normalization == "preserve" and float(weight_sum) <= eps
+    total, losses, confs, weight_sum = _ChunkedOpd.apply(hidden, student_weight, teacher, target_ids, intervention,
+                                                         token_loss, confidence, beta, chunk_size)
+    denominator = loss_denominator(normalization, weight_sum, n, eps)
+    loss = total * 0.0 if denominator is None else total / denominator
     mean = (lambda x: float(x.mean()) if n else 0.0)
-    return OpdLoss(loss=loss, no_update=no_update, num_tokens=n, weight_sum=float(weight_sum),
-                   token_loss_mean=mean(losses), confidence_mean=mean(confs), intervention_mean=mean(intervention))
+    return OpdLoss(loss=loss, no_update=denominator is None, num_tokens=n, weight_sum=float(weight_sum),
+                   token_loss_mean=mean(losses), confidence_mean=mean(confs), intervention_mean=mean(intervention),
+                   weighted_sum=total)
 
 
 def reference_opd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, mask: torch.Tensor | None = None,
@@ -365,5 +374,6 @@ def reference_opd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     loss, no_update = normalize(losses, weights, normalization, eps)
     return OpdLoss(loss=loss, no_update=no_update, num_tokens=n, weight_sum=float(weights.sum()),
                    token_loss_mean=float(losses.detach().mean()) if n else 0.0,
-                   confidence_mean=float(confs.mean()) if n else 0.0, intervention_mean=float(i.mean()) if n else 0.0)
+                   confidence_mean=float(confs.mean()) if n else 0.0, intervention_mean=float(i.mean()) if n else 0.0,
+                   weighted_sum=(weights.detach() * losses).sum())
 

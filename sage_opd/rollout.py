@@ -1,90 +1,25 @@
 """On-policy rollouts: a fixed-size batch of episodes from an env's train split, run in lockstep.
 
-Each turn keeps what the trainer needs: the context (messages and ``prompt_ids``), the
-generated ``token_ids`` exactly as sampled, the response text, its validity, the env
-feedback after it, the task and who wrote it (``student``, ``teacher`` or ``expert``).
-Generation is batched across the episodes still running; everything random is seeded
-from ``(seed, step, rank)`` so a resumed run collects the same batch.
+Each played turn becomes a ``sage_opd.records.TurnRecord`` (context, ids, text, validity, feedback,
+writer). Generation is batched across the episodes still running; everything random is seeded
+from ``(seed, step, episode)`` so a resumed run collects the same batch.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import random
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import sage_gym
 from sage_gym.errors import EnvCrashedError, SageError
 from sage_models import derive_seed
 from sage_models.policy import Decoding, Policy
-
-
-@dataclass
-class TurnRecord:
-    """One agent turn of a rollout."""
-
-    episode: int  # index of the episode in its batch
-    turn: int
-    task: str
-    messages: list[dict[str, str]]  # the context the response answered
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
-    action_valid: bool
-    invalid_reason: str | None
-    feedback: str  # the env's answer to this turn
-    source: str = "student"  # student | teacher | expert
-    finish_reason: str = "stop"
-    action: str | None = None  # the parsed action (None when invalid)
-    expert_action: str | None = None  # the env's expert move from this state (envs made with expert_labels)
-
-
-@dataclass
-class EpisodeRecord:
-    episode_id: str
-    task: str
-    task_type: str
-    won: bool = False
-    score: float = 0.0
-    turns: list[TurnRecord] = field(default_factory=list)
-
-
-@dataclass
-class RolloutBatch:
-    """The episodes one rank collected in one step."""
-
-    episodes: list[EpisodeRecord]
-
-    @property
-    def turns(self) -> list[TurnRecord]:
-        return [t for ep in self.episodes for t in ep.turns]
-
-    def success_rate(self) -> float:
-        return sum(ep.won for ep in self.episodes) / max(len(self.episodes), 1)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps([asdict(ep) for ep in self.episodes]))
-
-    @classmethod
-    def load(cls, path: str | Path) -> RolloutBatch:
-        episodes = []
-        for ep in json.loads(Path(path).read_text()):
-            turns = [TurnRecord(**t) for t in ep.pop("turns")]
-            episodes.append(EpisodeRecord(**ep, turns=turns))
-        return cls(episodes)
+from sage_opd.records import EpisodeRecord, RolloutBatch, TurnRecord
 
 
 def _coin(*parts: int) -> float:
     """A uniform draw in [0, 1) fixed by its arguments (who writes a turn in Guided-OPD)."""
     return random.Random(derive_seed(*parts, 23)).random()
-
-
-def guided_beta(step: int, total_steps: int, rho: float = 0.8) -> float:
-    """Guided-OPD teacher probability: 0.5 (1 + cos(pi min(s / (rho S), 1))), from 1 down to 0."""
-    return 0.5 * (1.0 + math.cos(math.pi * min(step / (rho * total_steps), 1.0)))
 
 
 def check_train_split(env_id: str) -> None:

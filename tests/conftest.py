@@ -44,3 +44,28 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from sage_models.tiny import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def batches(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """Saved rollout batches of real ALFWorld turns, train.json and heldout.json: each holds one episode of the
+    random tiny student (invalid turns only) and one of the expert relabelled as the student's (valid turns)."""
+    from sage_models import HFPolicy
+    from sage_models.policy import Decoding
+    from sage_opd.rollout import RolloutBatch, RolloutCollector
+
+    collector = RolloutCollector("alfworld-train", 2, max_turns=2)
+    try:
+        ids = collector.episode_ids[:2]
+        student = collector.collect(ids, HFPolicy(tiny_models["student"]),
+                                    Decoding(temperature=1.0, max_new_tokens=16), seed=1)
+        expert = collector.collect(ids, None, Decoding(), seed=1, expert=True)
+    finally:
+        collector.close()
+    for turn in expert.turns:
+        turn.source = "student"
+    assert all(not t.action_valid for t in student.turns) and all(t.action_valid for t in expert.turns)
+    folder = tmp_path_factory.mktemp("batches")
+    RolloutBatch([student.episodes[0], expert.episodes[0]]).save(folder / "train.json")
+    RolloutBatch([student.episodes[1], expert.episodes[1]]).save(folder / "heldout.json")
+    return {"train": folder / "train.json", "heldout": folder / "heldout.json"}

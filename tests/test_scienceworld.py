@@ -189,6 +189,44 @@ def test_failure_scores_zero_and_turn_cap_truncates(env):
         act(env, "look around")
 
 
+def _trace(env, episode_id: str) -> tuple[list[str], list[str]]:
+    """An episode's gold path and the observations along its first 12 actions."""
+    obs, _ = env.reset(options={"episode_id": episode_id})
+    plan = env.unwrapped.expert_actions()
+    env.reset(options={"episode_id": episode_id})
+    return plan, [obs] + [act(env, a)[0] for a in plan[:12]]
+
+
+def test_episodes_repeat_across_loads_and_jvms_and_stock_hashing_does_not(env):
+    """deterministic=True (the default): an episode is a function of its actions, the same observations and
+    gold path after other tasks ran in the JVM and in a fresh JVM; the simulator's EnvObject hashes by uuid
+    (the patched class is the one loaded). Stock identity hashes change the episode between loads."""
+    from sage_gym.envs.scienceworld_hash import add_uuid_hash_code, patched_classes
+
+    episode_id = first_of("unseen", "find-animal")
+    first = _trace(env, episode_id)
+    env.reset(options={"episode_id": first_of("unseen", "chemistry-mix")})
+    act(env, "look around")
+    assert _trace(env, episode_id) == first
+    cls = env.unwrapped._jvm.gateway.jvm.java.lang.Class.forName("scienceworld.struct.EnvObject")
+    assert "hashCode" in [m.getName() for m in cls.getDeclaredMethods()]
+    fresh = sage_gym.make("scienceworld-unseen")
+    try:
+        assert _trace(fresh, episode_id) == first
+    finally:
+        fresh.close()
+    stock = sage_gym.make("scienceworld-unseen", deterministic=False)
+    try:
+        traces = [_trace(stock, episode_id) for _ in range(3)]
+    finally:
+        stock.close()
+    assert any(t != traces[0] for t in traces[1:]), "stock hashing repeated the episode: the test cannot tell"
+    from scienceworld.constants import JAR_PATH
+
+    with pytest.raises(ValueError, match="already declares hashCode"):  # a simulator that hashes itself
+        add_uuid_hash_code((patched_classes(JAR_PATH) / "scienceworld/struct/EnvObject.class").read_bytes())
+
+
 def test_check_env(env):
     check_env(env.unwrapped, skip_render_check=True)
 

@@ -114,8 +114,7 @@ def test_remote_teacher_over_http_matches_the_model(setup, tiny_models):
 def test_packed_turns_score_exactly_like_separate_turns(tiny_models):
     """Turns of one episode whose contexts extend each other share one row, with the same teacher log-probs
     and losses as one row per turn, and far fewer tokens; a turn that breaks the chain starts a new row."""
-    from sage_opd.algorithms import micro_batch_loss
-    from sage_opd.config import LossConfig
+    from sage_opd.objective import micro_batch_loss
     from sage_opd.teacher import pack_turns
 
     g = torch.Generator().manual_seed(1)
@@ -137,7 +136,7 @@ def test_packed_turns_score_exactly_like_separate_turns(tiny_models):
     for batch in (packed, separate):
         hidden, weight = lm_hidden_states(student, batch)
         res = micro_batch_loss(hidden, weight, teacher.score(batch), batch.turn_index, batch.target_ids,
-                               interventions, imitated, LossConfig())
+                               interventions, imitated)
         sums.append((float(res.weighted_loss), res.weight_sum, res.opd_tokens, res.ce_tokens))
     assert sums[0][2:] == sums[1][2:] == (16, 6)  # turn 1 skipped (i=0), turn 2 imitated (6 tokens)
     assert sums[0][0] == pytest.approx(sums[1][0], rel=1e-4) and sums[0][1] == pytest.approx(sums[1][1], rel=1e-4)

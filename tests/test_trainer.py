@@ -18,11 +18,13 @@ import pytest
 import torch
 
 from sage_models.policy import Decoding
+from sage_opd.algorithm import algorithm_for, guided_beta
+from sage_opd.build import ModelTooLargeError, check_fits
 from sage_opd.config import ConfigError, load_config
-from sage_opd.rollout import RolloutBatch, RolloutCollector, guided_beta
+from sage_opd.rollout import RolloutBatch, RolloutCollector
 from sage_gym.durable import FolderInUseError
 from sage_gym.errors import SageError
-from sage_opd.trainer import ModelTooLargeError, Trainer, check_fits
+from sage_opd.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_sage_opd_alfworld.yaml"
@@ -41,24 +43,6 @@ def collector():
     col = RolloutCollector("alfworld-train", 2, max_turns=2)
     yield col
     col.close()
-
-
-@pytest.fixture(scope="module")
-def batches(collector, tiny_models, tmp_path_factory) -> dict[str, Path]:
-    """train.json / heldout.json: each one student episode + one expert episode (relabelled as student)."""
-    from sage_models import HFPolicy
-
-    ids = collector.episode_ids[:2]
-    student = collector.collect(ids, HFPolicy(tiny_models["student"]), Decoding(temperature=1.0, max_new_tokens=16),
-                                seed=1)
-    expert = collector.collect(ids, None, Decoding(), seed=1, expert=True)
-    for turn in expert.turns:
-        turn.source = "student"
-    assert all(not t.action_valid for t in student.turns) and all(t.action_valid for t in expert.turns)
-    folder = tmp_path_factory.mktemp("batches")
-    RolloutBatch([student.episodes[0], expert.episodes[0]]).save(folder / "train.json")
-    RolloutBatch([student.episodes[1], expert.episodes[1]]).save(folder / "heldout.json")
-    return {"train": folder / "train.json", "heldout": folder / "heldout.json"}
 
 
 # ---- configs and clear errors --------------------------------------------------------------------
@@ -86,8 +70,8 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(TINY, ["optim.lr=[1"])
     with pytest.raises(ConfigError, match="normalization=standard .* is what algorithm=opd uses; sage_opd accepts"):
         load_config(TINY, ["loss.normalization=standard"])
-    assert load_config(TINY, ["algorithm=opd", "loss.normalization=standard"]).effective_loss().normalization == \
-        "standard"
+    opd = load_config(TINY, ["algorithm=opd", "loss.normalization=standard"])
+    assert algorithm_for(opd.algorithm).loss_options(opd.loss).normalization == "standard"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
@@ -125,9 +109,8 @@ def test_micro_batch_loss_is_the_spec_objective():
     """sum(w l) / sum(w) of ``micro_batch_loss`` equals the unchunked reference; imitated rows add their CE."""
     import torch.nn.functional as F
 
-    from sage_opd.algorithms import micro_batch_loss
-    from sage_opd.config import LossConfig
     from sage_opd.losses import DenseTeacher, reference_opd_loss
+    from sage_opd.objective import micro_batch_loss
 
     torch.manual_seed(0)
     v, h, ht = 40, 8, 12
@@ -137,9 +120,8 @@ def test_micro_batch_loss_is_the_spec_objective():
     mask[0, 2:6], mask[1, 1:4], mask[2, 3:7] = True, True, True
     targets = torch.randint(0, v, (3, 7))
     turn_i = torch.tensor([1.0, 0.4, 0.0])  # the third turn was skipped by the judge
-    cfg = LossConfig(chunk_tokens=3)
     res = micro_batch_loss(s_hidden, s_weight, DenseTeacher(t_hidden, t_weight), mask, targets, turn_i,
-                           torch.zeros(3, dtype=torch.bool), cfg)
+                           torch.zeros(3, dtype=torch.bool), chunk_tokens=3)
     logits_s, logits_t = (s_hidden @ s_weight.T)[mask], (t_hidden @ t_weight.T)[mask]
     i_tok = turn_i[:, None].expand(3, 7)[mask]
     ref = reference_opd_loss(logits_s, logits_t, intervention=i_tok, confidence="entropy", normalization="preserve")
@@ -150,10 +132,10 @@ def test_micro_batch_loss_is_the_spec_objective():
                                                          intervention=i_tok).loss, s_hidden)
     assert torch.allclose(grad, grad_ref, atol=1e-6)
     mixed = micro_batch_loss(s_hidden, s_weight, DenseTeacher(t_hidden, t_weight), mask, targets, turn_i,
-                             torch.tensor([True, False, False]), cfg)
+                             torch.tensor([True, False, False]), chunk_tokens=3)
     ce = F.cross_entropy((s_hidden[0] @ s_weight.T)[mask[0]], targets[0][mask[0]], reduction="sum")
     row1 = micro_batch_loss(s_hidden[1:2], s_weight, DenseTeacher(t_hidden[1:2], t_weight), mask[1:2], targets[1:2],
-                            turn_i[1:2], torch.zeros(1, dtype=torch.bool), cfg)
+                            turn_i[1:2], torch.zeros(1, dtype=torch.bool), chunk_tokens=3)
     assert float(mixed.weighted_loss.detach()) == pytest.approx(float((ce + row1.weighted_loss).detach()), rel=1e-5)
     assert mixed.weight_sum == pytest.approx(4 + row1.weight_sum) and mixed.ce_tokens == 4
 

@@ -15,6 +15,7 @@ by ``admissible_actions()`` (or every step with ``list_actions=True``).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import weakref
@@ -172,9 +173,11 @@ class ScienceWorldJVM:
     The JVM gets ``-Xmx<heap> -XX:+UseSerialGC -XX:+ExitOnOutOfMemoryError`` and py4j's
     ``die_on_exit``: it reads a pipe from this process and exits when the pipe closes, so it
     does not outlive this process even after SIGKILL (unless a forked child holds the pipe).
-    ``deterministic``: give every Java object the same identity hash code. The simulator keeps
-    objects in hash sets keyed by identity, so by default the order of same-named objects in
-    observations, ambiguity menus and even gold paths changes from one load to the next.
+    ``deterministic``: the simulator keeps its objects in hash sets whose order, by default, follows
+    Java identity hashes, so the order of same-named objects in observations, ambiguity menus and even
+    gold paths changes from one load to the next. Its ``EnvObject`` then hashes by its per-load uuid
+    (``scienceworld_hash``: the class is patched on the classpath) and every other object gets one
+    identity hash (``-XX:hashCode=2``), so an episode is a function of its actions, at stock speed.
     """
 
     def __init__(self, heap: str = "512m", deterministic: bool = True):
@@ -183,9 +186,14 @@ class ScienceWorldJVM:
 
         if shutil.which("java") is None:
             raise SageError("ScienceWorld needs Java 17+ on PATH (e.g. `apt-get install openjdk-17-jre-headless`).")
+        classpath = JAR_PATH
+        if deterministic:
+            from sage_gym.envs.scienceworld_hash import patched_classes
+
+            classpath = f"{patched_classes(JAR_PATH)}{os.pathsep}{JAR_PATH}"
         try:
             port, self.proc = launch_gateway(
-                classpath=JAR_PATH, die_on_exit=True, cwd=BASEPATH, return_proc=True,
+                classpath=classpath, die_on_exit=True, cwd=BASEPATH, return_proc=True,
                 javaopts=[f"-Xmx{heap}", "-XX:+UseSerialGC", "-XX:+ExitOnOutOfMemoryError"]
                 + (["-XX:+UnlockExperimentalVMOptions", "-XX:hashCode=2"] if deterministic else []))
         except ValueError as e:  # the JVM printed no port: it failed to start

@@ -1,10 +1,11 @@
-"""The per-micro-batch objectives of ``opd``, ``sage_opd``, ``guided_opd`` and ``sft``.
+"""The per-micro-batch objective of every algorithm, on tensors only (no env, rollout or config import).
 
 Every algorithm trains on turns (context ids + response ids). A turn is either distilled
 (OPD token loss against the teacher, weight w = i_t * c_tk) or imitated (cross-entropy on
-its tokens, weight 1: Guided-OPD teacher turns, SFT). Functions here return the *sum*
-sum(w * l) and sum(w) of a micro-batch; the trainer divides the accumulated gradient by
-the batch-wide (all ranks) sum(w), or by N for ``normalization: none``, so the loss keeps
+its tokens, weight 1: Guided-OPD teacher turns, SFT); which is which is the caller's
+``is_imitated`` (``sage_opd.algorithm.Algorithm.imitates``). Functions here return the *sum*
+sum(w * l) and sum(w) of a micro-batch; the optimiser step divides the accumulated gradient by
+the batch-wide (all ranks) denominator (``sage_opd.losses.loss_denominator``), so the loss keeps
 one scale however the batch is split into micro-batches and ranks.
 """
 
@@ -16,14 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sage_opd.config import LossConfig
 from sage_opd.losses import DenseTeacher, SparseTeacher, opd_loss, token_losses
-from sage_opd.rollout import TurnRecord
-
-
-def imitated(turn: TurnRecord, algorithm: str) -> bool:
-    """Whether a turn is trained by cross-entropy (SFT data, Guided-OPD teacher turns) rather than OPD."""
-    return algorithm == "sft" or turn.source in ("teacher", "expert")
 
 
 @dataclass
@@ -63,14 +57,16 @@ def turn_of_positions(turn_index: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def micro_batch_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                      teacher: DenseTeacher | SparseTeacher | None, turn_index: torch.Tensor,
-                     target_ids: torch.Tensor, intervention: torch.Tensor, is_imitated: torch.Tensor,
-                     loss_cfg: LossConfig) -> MicroResult:
+                     target_ids: torch.Tensor, intervention: torch.Tensor, is_imitated: torch.Tensor, *,
+                     token_loss: str = "reverse_kl", confidence: str = "entropy", jsd_beta: float = 0.5,
+                     chunk_tokens: int = 1024) -> MicroResult:
     """sum(w * l) over a micro-batch: OPD token loss on distilled turns, cross-entropy on imitated turns.
 
     Student hidden states [B, T, H] and the teacher's scores (in-process ``DenseTeacher`` or a
     server's top-k ``SparseTeacher``) are aligned with ``turn_index``/``target_ids`` [B, T]
     (see ``sage_opd.teacher.make_batch``; a bool response mask means one turn per row);
-    ``intervention`` [n_turns] holds i_t per turn (1 for standard OPD), ``is_imitated`` [n_turns] bool.
+    ``intervention`` [n_turns] holds i_t per turn (1 for standard OPD), ``is_imitated`` [n_turns] bool;
+    the keyword options are ``loss.*`` of the config (SPEC section 4).
     """
     response_mask, row = turn_of_positions(turn_index)
     targets = target_ids[response_mask]
@@ -78,7 +74,7 @@ def micro_batch_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     ce_sel, opd_sel = is_imitated[row], ~is_imitated[row]
     result = MicroResult(weighted_loss=student_hidden.sum() * 0.0, tokens=int(row.numel()))
     if ce_sel.any():
-        ce = cross_entropy_sum(hidden[ce_sel], student_weight, targets[ce_sel], loss_cfg.chunk_tokens)
+        ce = cross_entropy_sum(hidden[ce_sel], student_weight, targets[ce_sel], chunk_tokens)
         n_ce = int(ce_sel.sum())
         result.weighted_loss = result.weighted_loss + ce
         result.weight_sum += n_ce
@@ -89,11 +85,10 @@ def micro_batch_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         if teacher is None:
             raise ValueError("OPD turns need the teacher's scores")
         res = opd_loss(hidden[keep], student_weight, teacher.select(response_mask).select(keep),
-                       target_ids=targets[keep], intervention=i_tok[keep], token_loss=loss_cfg.token_loss,
-                       confidence=loss_cfg.confidence, normalization="none", beta=loss_cfg.jsd_beta,
-                       chunk_size=loss_cfg.chunk_tokens)
+                       target_ids=targets[keep], intervention=i_tok[keep], token_loss=token_loss,
+                       confidence=confidence, beta=jsd_beta, chunk_size=chunk_tokens)
         n = res.num_tokens
-        result.weighted_loss = result.weighted_loss + res.loss * n  # "none" divides by n: undo it
+        result.weighted_loss = result.weighted_loss + res.weighted_sum
         result.weight_sum += res.weight_sum
         result.opd_tokens = n
         result.kl_sum = res.token_loss_mean * n
