@@ -66,8 +66,11 @@ class LossConfig:
     token_loss: Literal["reverse_kl", "sampled", "forward_kl", "jsd"] = "reverse_kl"
     jsd_beta: float = 0.5
     intervention: Literal["judge", "all", "random", "inverted"] = "judge"
-    judge_mode: Literal["hard", "soft"] = "hard"
+    # hard: i = 1[p_yes >= tau]; soft: i = p_yes; graded: Skip/Weak/Strong, i = judge_weak_weight * p_weak + p_strong;
+    # graded_hard: i = (0, judge_weak_weight, 1) of the most probable answer
+    judge_mode: Literal["hard", "soft", "graded", "graded_hard"] = "hard"
     tau: float = 0.5
+    judge_weak_weight: float = 0.5
     judge_history_turns: int = 4
     confidence: Literal["entropy", "maxprob", "none"] = "entropy"
     normalization: Literal["preserve", "none", "standard"] = "preserve"
@@ -321,6 +324,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"guided.rho must be in (0, 1], got {cfg.guided.rho}")
     if not 0.0 <= cfg.loss.tau <= 1.0:
         raise ConfigError(f"loss.tau must be in [0, 1], got {cfg.loss.tau}")
+    if not 0.0 <= cfg.loss.judge_weak_weight <= 1.0:
+        raise ConfigError(f"loss.judge_weak_weight must be in [0, 1], got {cfg.loss.judge_weak_weight}")
     algorithm = algorithm_for(cfg.algorithm, cfg.sft.source)
     if algorithm.needs_teacher and not (cfg.teacher.path or cfg.teacher.server_url):
         raise ConfigError(f"algorithm {cfg.algorithm!r} needs teacher.path (or teacher.server_url)")
