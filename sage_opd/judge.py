@@ -129,7 +129,7 @@ class JudgeStats:
 class JudgeResult:
     interventions: list[float]
     p_yes: list[float | None]  # None where no teacher call was made; graded: 1 - p_skip
-    p_answers: list[list[float] | None]  # each answer's probability (order of TurnJudge.answers), or None
+    p_answers: list[dict[str, float] | None]  # each answer's probability by answer (TurnJudge.answers), or None
     stats: JudgeStats
 
 
@@ -147,9 +147,9 @@ class TurnJudge:
         self.answer_ids = {a: [i for i in ids if not any(i in found[b] for b in self.answers if b != a)]
                            for a, ids in found.items()}
         if not all(self.answer_ids.values()):
-            raise ValueError(f"every spelling of {' or '.join(repr(a) for a, ids in self.answer_ids.items() if not ids)} "
-                             f"starts with a token another answer starts with in this tokenizer ({found}); the judge "
-                             "cannot tell the answers apart")
+            lost = " or ".join(repr(a) for a, ids in self.answer_ids.items() if not ids)
+            raise ValueError(f"every spelling of {lost} starts with a token another answer starts with in this "
+                             f"tokenizer ({found}); the judge cannot tell the answers apart")
 
     @property
     def yes_ids(self) -> list[int]:
@@ -186,7 +186,8 @@ class TurnJudge:
         """[len(turns), len(answers)]: each answer's probability (summed over its spellings) normalised over the
         answers, from one forward pass per prompt."""
         ids = [self.answer_ids[a] for a in self.answers]
-        logprobs = self.teacher.next_token_logprobs([self.render(t) for t in turns], [i for a in ids for i in a]).float()
+        prompts = [self.render(t) for t in turns]
+        logprobs = self.teacher.next_token_logprobs(prompts, [i for a in ids for i in a]).float()
         groups = torch.split(logprobs, [len(a) for a in ids], dim=-1)
         return torch.stack([torch.logsumexp(g, -1) for g in groups], -1).softmax(-1)
 
@@ -215,7 +216,7 @@ class TurnJudge:
         judged = [k for k, t in enumerate(turns) if t.invalid_reason is None]
         interventions = [1.0] * len(turns)
         p_yes: list[float | None] = [None] * len(turns)
-        p_answers: list[list[float] | None] = [None] * len(turns)
+        p_answers: list[dict[str, float] | None] = [None] * len(turns)
         if cfg.mode != "all" and judged:
             probs = self.answer_probs([turns[k] for k in judged])
             decisions = self.decide(probs)
@@ -224,7 +225,7 @@ class TurnJudge:
             rate = self.judged_sum / self.judged_total
             yes = (1.0 - probs[:, 0] if cfg.graded else probs[:, 0]).tolist()
             for k, p, answers, d in zip(judged, yes, probs.tolist(), decisions):
-                p_yes[k], p_answers[k] = p, answers
+                p_yes[k], p_answers[k] = p, dict(zip(self.answers, answers))
                 interventions[k] = {"judge": d, "inverted": 1.0 - d,
                                     "random": float(self.rng.random() < rate)}[cfg.mode]
         stats = JudgeStats(turns=len(turns), judge_calls=len(judged) if cfg.mode != "all" else 0,

@@ -13,6 +13,7 @@ bytes, at the same character offset when the student sampled invalid UTF-8). The
     xtok = CrossTokenizer(student_tok, teacher_tok)
     xtok.align(student_ids) -> Alignment                   # one response: teacher ids and the spans
     xtok.teacher_turns(turns) -> list[AlignedTurn]         # turns: .messages, .text, .token_ids (student ids)
+    span_ids(aligned_turns) -> (student_span [Ns], teacher_span [Nt])   # spans numbered across a batch of turns
     xtok.shared -> SharedVocab                             # ids that spell the same bytes in both vocabularies
 
 A response that ends with a special token (the student's end of turn) ends with the teacher's
@@ -36,6 +37,7 @@ import torch
 from sage_gym.errors import SageError
 from sage_models import TokenHistory
 from sage_opd.teacher import PROBE_TEXT, TurnIds
+from sage_opd.xtok_losses import SharedVocab
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -165,14 +167,6 @@ class AlignedTurn:
     alignment: Alignment
 
 
-@dataclass
-class SharedVocab:
-    """Pairs of ids (student, teacher) that spell the same bytes, one-to-one, plus the two eos tokens."""
-
-    student_ids: torch.Tensor  # [M] long
-    teacher_ids: torch.Tensor  # [M] long
-
-
 class CrossTokenizer:
     """Re-renders student turns for a teacher with another tokenizer and aligns the responses."""
 
@@ -194,7 +188,14 @@ class CrossTokenizer:
             if i != student_eos and piece in by_bytes:
                 pairs.append((i, by_bytes.pop(piece)))
         ids = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
-        return SharedVocab(ids[:, 0].contiguous(), ids[:, 1].contiguous())
+
+        def rest(size: int, taken: torch.Tensor) -> torch.Tensor:
+            keep = torch.ones(size, dtype=torch.bool)
+            keep[taken] = False
+            return torch.nonzero(keep).squeeze(1)
+
+        return SharedVocab(ids[:, 0].contiguous(), ids[:, 1].contiguous(), rest(len(self.student_tok), ids[:, 0]),
+                           rest(len(self.teacher_tok), ids[:, 1]))
 
     def align(self, student_ids: Sequence[int]) -> Alignment:
         """The teacher's tokenisation of the text the student's ids spell, and the spans of both."""
@@ -230,3 +231,15 @@ class CrossTokenizer:
             history.record(t.messages, t.text, prompt + alignment.teacher_ids)
             out.append(AlignedTurn(TurnIds(prompt, alignment.teacher_ids), alignment))
         return out
+
+
+def span_ids(aligned: Sequence[AlignedTurn]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spans of a batch of turns numbered across it, per response token in turn order: student [Ns], teacher [Nt]
+    (the order of ``make_batch``'s response positions)."""
+    student: list[int] = []
+    teacher: list[int] = []
+    for a in aligned:
+        offset = max(student + teacher, default=-1) + 1
+        student += [offset + k for k in a.alignment.student_span]
+        teacher += [offset + k for k in a.alignment.teacher_span]
+    return torch.tensor(student, dtype=torch.long), torch.tensor(teacher, dtype=torch.long)

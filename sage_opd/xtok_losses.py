@@ -5,10 +5,11 @@ that spell the same text; a one-to-one span holds one token on each side. Every 
 gets a token loss l_k and a weight w_k = i_t * c_k, normalised as in ``sage_opd.losses``.
 
     xtok_loss(student_hidden [Ns, H], student_weight [Vs, H], target_ids [Ns], span [Ns], teacher: AlignedTeacher,
-              shared: SharedVocab, *, mode="sequence", intervention [Ns] = None, token_loss="reverse_kl",
-              confidence="entropy", normalization="preserve", beta=0.5, top_k=20, chunk_size=256) -> OpdLoss
-    AlignedTeacher(hidden [Nt, Ht], weight [Vt, Ht], target_ids [Nt], span [Nt])
-    shared_vocab_kl(...) -> (sum, count)     # reverse KL on the shared vocabulary over one-to-one spans (no grad)
+              *, mode="sequence", intervention [Ns] = None, token_loss="reverse_kl", confidence="entropy",
+              normalization="preserve", beta=0.5, top_k=20, chunk_size=256) -> OpdLoss
+    AlignedTeacher(hidden [Nt, Ht], weight [Vt, Ht], target_ids [Nt], span [Nt], shared: SharedVocab | None)
+    SharedVocab(student_ids [M], teacher_ids [M], student_rest, teacher_rest)   # ids spelling the same bytes
+    shared_vocab_kl(student_hidden, student_weight, span, teacher) -> (sum, count)   # the divergence (no grad)
 
 Options (``mode``) and their approximations:
 
@@ -31,41 +32,52 @@ the mean of the teacher's confidences (over its vocabulary) at the tokens of its
 tokenizer every span is one-to-one and the shared vocabulary is the whole vocabulary, so each
 option gives the exact loss of ``sage_opd.losses`` (``sequence``: its ``sampled``).
 
-Memory: student logits are computed in chunks of ``chunk_size`` tokens and recomputed in the
-backward pass (activation checkpointing), so no [tokens x vocab] tensor of the batch is kept.
+Memory and time: no [tokens x vocab] tensor of the batch is kept. One-to-one spans go through
+``sage_opd.losses.opd_loss``'s chunked loop (gradients folded in the forward pass, teacher and
+student logits computed once each) with the teacher seen through the shared vocabulary; the other
+spans need log p(y) only, computed in chunks recomputed in the backward pass (checkpointing).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sage_opd.losses import CONFIDENCES, NORMALIZATIONS, TOKEN_LOSSES, OpdLoss, normalize, teacher_confidence, token_losses
-from sage_opd.xtok import SharedVocab
+from sage_opd.losses import (CONFIDENCES, NORMALIZATIONS, TOKEN_LOSSES, OpdLoss, _check, _confidence, _loss_and_grad,
+                             _upcast, loss_denominator, opd_loss, teacher_confidence)
 
 MODES = ("sequence", "shared_vocab", "uld")
 
 
 @dataclass
+class SharedVocab:
+    """Pairs of ids (student, teacher) that spell the same bytes, one-to-one, plus the two eos tokens; and the ids
+    of each vocabulary (0 .. len(tokenizer) - 1) outside them (built by ``sage_opd.xtok.CrossTokenizer``)."""
+
+    student_ids: torch.Tensor  # [M] long
+    teacher_ids: torch.Tensor  # [M] long
+    student_rest: torch.Tensor  # [Vs - M] long
+    teacher_rest: torch.Tensor  # [Vt - M] long
+
+
+@dataclass
 class AlignedTeacher:
     """The teacher at its own response tokens: final hidden states at the positions predicting each of them
-    [Nt, Ht], the lm_head weight [Vt, Ht], the tokens [Nt] and their spans [Nt] (as the student's span ids)."""
+    [Nt, Ht], the lm_head weight [Vt, Ht], the tokens [Nt], their spans [Nt] (as the student's span ids), and the
+    ids both vocabularies share (``CrossTokenizer.shared``; needed by ``shared_vocab`` and ``uld``)."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
     target_ids: torch.Tensor
     span: torch.Tensor
+    shared: SharedVocab | None = None
 
     def select(self, mask: torch.Tensor) -> AlignedTeacher:
-        return AlignedTeacher(self.hidden[mask], self.weight, self.target_ids[mask], self.span[mask])
-
-
-def _check(name: str, value: str, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
-        raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(accepted)}")
+        return AlignedTeacher(self.hidden[mask], self.weight, self.target_ids[mask], self.span[mask], self.shared)
 
 
 @dataclass
@@ -91,13 +103,6 @@ class _Spans:
         rows = torch.nonzero(((n_s == 1) & (n_t == 1))[s_idx]).squeeze(1)
         return cls(s_idx, t_idx, n_s, n_t, rows, t_row[s_idx[rows]])
 
-    def sum_over_span(self, student: torch.Tensor | None = None, teacher: torch.Tensor | None = None) -> torch.Tensor:
-        """Per span: the sum of a student-token value and/or a teacher-token value."""
-        out = torch.zeros(self.n_s.shape[0], device=self.n_s.device)
-        if student is not None:
-            out = out.index_add(0, self.s_idx, student.float())
-        return out.index_add(0, self.t_idx, teacher.float()) if teacher is not None else out
-
 
 def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.log_softmax((hidden @ weight.T).float(), -1).gather(1, targets[:, None]).squeeze(1)
@@ -115,72 +120,124 @@ def _teacher_stats(teacher: AlignedTeacher, confidence: str, chunk: int) -> tupl
     return (torch.cat(logq), torch.cat(conf)) if logq else (empty, empty)
 
 
-def _matched_loss(hidden, weight, t_hidden, t_weight, shared_s, shared_t, kind, beta, top_k):
-    """``token_loss`` on the shared vocabulary (renormalised) [C]; with ``top_k`` > 0, plus the L1 distance of the
-    sorted top-k probabilities of the tokens outside it (ULD)."""
-    logp = F.log_softmax((hidden @ weight.T).float(), -1)
-    with torch.no_grad():
-        logq = F.log_softmax((t_hidden @ t_weight.T).float(), -1)
-    loss = token_losses(logp[:, shared_s], logq[:, shared_t], kind, beta=beta)
+def _top(p: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of p [C, V] over the columns ``ids``, zero-padded to k, and the columns they sit in."""
+    if not len(ids):
+        return p.new_zeros(p.shape[0], k), ids.new_zeros(p.shape[0], 0)
+    values, at = p[:, ids].topk(min(k, len(ids)), -1)
+    return F.pad(values, (0, k - values.shape[1])), ids[at]
+
+
+def _matched_chunk(z: torch.Tensor, logq: torch.Tensor, shared: SharedVocab, kind: str, beta: float,
+                   top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss l [C] and dl/dz [C, Vs] at one-to-one rows from student logits z and teacher log-probs: ``kind`` between
+    p and q renormalised over the shared vocabulary; with top_k > 0, plus sum_r |p_(r) - q_(r)| over the k largest
+    probabilities outside it on each side (ULD), whose gradient goes through the full softmax."""
+    loss, grad_shared = _loss_and_grad(F.log_softmax(z[:, shared.student_ids], -1),
+                                       F.log_softmax(logq[:, shared.teacher_ids], -1), kind, None, None, beta)
+    grad = torch.zeros_like(z).index_copy_(1, shared.student_ids, grad_shared)
     if top_k:
-        k = min(top_k, logp.shape[1], logq.shape[1])
-        p_rest = logp.exp().index_fill(1, shared_s, 0.0).topk(k, -1).values
-        q_rest = logq.exp().index_fill(1, shared_t, 0.0).topk(k, -1).values
-        loss = loss + (p_rest - q_rest).abs().sum(-1)
-    return loss
+        p = F.softmax(z, -1)
+        p_top, p_at = _top(p, shared.student_rest, top_k)
+        q_top, _ = _top(logq.exp(), shared.teacher_rest, top_k)
+        loss = loss + (p_top - q_top).abs().sum(-1)
+        g = torch.zeros_like(z).scatter_(1, p_at, torch.sign(p_top - q_top)[:, :p_at.shape[1]])
+        grad += p * (g - (p * g).sum(-1, keepdim=True))
+    return loss, grad
+
+
+@dataclass
+class _SharedVocabTeacher:
+    """The teacher at one-to-one spans seen through the shared vocabulary: a teacher of ``opd_loss``'s chunked loop,
+    which folds the gradients in the forward pass (teacher and student logits computed once each)."""
+
+    hidden: torch.Tensor  # [R, Ht]
+    weight: torch.Tensor  # [Vt, Ht]
+    shared: SharedVocab
+    top_k: int
+
+    def num_tokens(self) -> int:
+        return self.hidden.shape[0]
+
+    def chunk_loss(self, s: int, e: int, z: torch.Tensor, kind: str, conf_kind: str, target, beta: float,
+                   log_vocab: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logq = F.log_softmax(_upcast(self.hidden[s:e].detach() @ self.weight.detach().T), -1)
+        loss, grad = _matched_chunk(z, logq, self.shared, kind, beta, self.top_k)
+        return loss, grad, _confidence(logq, conf_kind, math.log(self.weight.shape[0]))
+
+
+def _shared_on(shared: SharedVocab, device) -> SharedVocab:
+    return SharedVocab(*(x.to(device) for x in (shared.student_ids, shared.teacher_ids, shared.student_rest,
+                                                  shared.teacher_rest)))
 
 
 def xtok_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, target_ids: torch.Tensor,
-              span: torch.Tensor, teacher: AlignedTeacher, shared: SharedVocab | None = None, *,
-              mode: str = "sequence", intervention: torch.Tensor | None = None, token_loss: str = "reverse_kl",
-              confidence: str = "entropy", normalization: str = "preserve", beta: float = 0.5, top_k: int = 20,
-              chunk_size: int = 256, eps: float = 1e-8) -> OpdLoss:
-    """The SAGE-OPD loss across tokenizers (see the module docstring): L = sum(w l) / sum(w) (preserve) or / N."""
+              span: torch.Tensor, teacher: AlignedTeacher, *, mode: str = "sequence",
+              intervention: torch.Tensor | None = None, token_loss: str = "reverse_kl", confidence: str = "entropy",
+              normalization: str = "preserve", beta: float = 0.5, top_k: int = 20, chunk_size: int = 256,
+              eps: float = 1e-8) -> OpdLoss:
+    """The SAGE-OPD loss across tokenizers (see the module docstring): L = sum(w l) / sum(w) (preserve) or / N
+    (``sage_opd.losses.loss_denominator``); ``weighted_sum`` is sum(w l), for callers normalising a larger batch."""
     _check("cross-tokenizer mode", mode, MODES)
     _check("token_loss", token_loss, TOKEN_LOSSES)
     _check("confidence", confidence, CONFIDENCES)
     _check("normalization", normalization, NORMALIZATIONS)
-    if mode != "sequence" and token_loss != "sampled" and shared is None:
-        raise ValueError(f"cross-tokenizer mode {mode!r} needs the shared vocabulary (CrossTokenizer.shared)")
+    matched = mode != "sequence" and token_loss != "sampled"
+    if matched and teacher.shared is None:
+        raise ValueError(f"cross-tokenizer mode {mode!r} needs the shared vocabulary (AlignedTeacher.shared)")
     if mode == "uld" and top_k < 1:
         raise ValueError(f"uld needs top_k >= 1 probabilities to sort, got {top_k}")
-    n = target_ids.shape[0]
+    n, device = target_ids.shape[0], student_hidden.device
     spans = _Spans.of(span, teacher.span)
-    logq_z, conf_t = _teacher_stats(teacher, confidence, chunk_size)
-    logp_y = torch.cat([checkpoint(_token_logprobs, student_hidden[s:s + chunk_size], student_weight,
-                                   target_ids[s:s + chunk_size], use_reentrant=False)
-                        for s in range(0, n, chunk_size)]) if n else student_hidden.new_zeros(0)
-    adv = spans.sum_over_span(logp_y.detach(), -logq_z)[spans.s_idx]
-    losses = adv / spans.n_s[spans.s_idx] + adv * (logp_y - logp_y.detach())
-    if mode != "sequence" and token_loss != "sampled":
-        matched = _matched_rows(student_hidden, student_weight, teacher, shared, spans, token_loss, beta,
-                                top_k if mode == "uld" else 0, chunk_size)
-        losses = losses.index_put((spans.rows,), matched) if len(spans.rows) else losses
-    conf = (spans.sum_over_span(teacher=conf_t) / spans.n_t.clamp(min=1))[spans.s_idx]
-    i = (intervention.reshape(-1).detach().float() if intervention is not None
-         else torch.ones(n, device=student_hidden.device))
-    loss, no_update = normalize(losses, i * conf, normalization, eps)
-    mean = (lambda x: float(x.mean()) if n else 0.0)
-    return OpdLoss(loss=loss, no_update=no_update, num_tokens=n, weight_sum=float((i * conf).sum()),
-                   token_loss_mean=mean(losses.detach()), confidence_mean=mean(conf), intervention_mean=mean(i))
+    i = intervention.reshape(-1).detach().float() if intervention is not None else torch.ones(n, device=device)
+    rows = spans.rows if matched else spans.rows[:0]
+    seq = torch.ones(n, dtype=torch.bool, device=device).index_fill(0, rows, False)
+    t_seq = torch.ones(len(spans.t_idx), dtype=torch.bool, device=device).index_fill(0, spans.t_rows[:len(rows)], False)
+    losses = torch.zeros(n, device=device)  # values of the sequence-scored tokens (others 0)
+    conf = torch.zeros(n, device=device)
+    total = student_hidden.new_zeros((), dtype=torch.float32)
 
+    # spans scored by their text's log-probabilities: the sampled surrogate sg(A_j) log p(y_k), value A_j / |S_j|
+    logq_z, conf_t = _teacher_stats(teacher.select(t_seq), confidence, chunk_size)
+    s_rows = torch.nonzero(seq).squeeze(1)
+    logp_y = torch.cat([checkpoint(_token_logprobs, student_hidden[s_rows[s:s + chunk_size]], student_weight,
+                                   target_ids[s_rows[s:s + chunk_size]], use_reentrant=False)
+                        for s in range(0, len(s_rows), chunk_size)]) if len(s_rows) else total.new_zeros(0)
+    s_idx, t_idx = spans.s_idx[seq], spans.t_idx[t_seq]
+    per_span = torch.zeros(len(spans.n_s), device=device).index_add(0, s_idx, logp_y.detach())
+    adv = per_span.index_add(0, t_idx, -logq_z)[s_idx]
+    seq_losses = adv / spans.n_s[s_idx] + adv * (logp_y - logp_y.detach())
+    conf[seq] = (torch.zeros(len(spans.n_t), device=device).index_add(0, t_idx, conf_t) / spans.n_t.clamp(min=1))[s_idx]
+    total = total + (i[seq] * conf[seq] * seq_losses).sum()
+    losses[seq] = seq_losses.detach()
 
-def _matched_rows(student_hidden, student_weight, teacher: AlignedTeacher, shared: SharedVocab, spans: _Spans,
-                  kind: str, beta: float, top_k: int, chunk: int) -> torch.Tensor:
-    """``_matched_loss`` [len(spans.rows)] at the one-to-one spans, chunk by chunk, recomputed in backward."""
-    device = student_hidden.device
-    shared_s, shared_t = shared.student_ids.to(device), shared.teacher_ids.to(device)
-    parts = [checkpoint(_matched_loss, student_hidden[spans.rows[s:s + chunk]], student_weight,
-                        teacher.hidden[spans.t_rows[s:s + chunk]].detach(), teacher.weight.detach(), shared_s, shared_t,
-                        kind, beta, top_k, use_reentrant=False) for s in range(0, len(spans.rows), chunk)]
-    return torch.cat(parts) if parts else student_hidden.new_zeros(0, dtype=torch.float32)
+    weight_sum, loss_sum, conf_sum = float((i[seq] * conf[seq]).sum()), float(losses.sum()), float(conf.sum())
+    if len(rows):  # one-to-one spans: the distribution losses, chunked
+        one = opd_loss(student_hidden[rows], student_weight, _SharedVocabTeacher(
+            teacher.hidden[spans.t_rows], teacher.weight, _shared_on(teacher.shared, device),
+            top_k if mode == "uld" else 0), intervention=i[rows], token_loss=token_loss, confidence=confidence,
+            normalization="none", beta=beta, chunk_size=chunk_size)
+        total = total + one.weighted_sum
+        weight_sum += one.weight_sum
+        loss_sum += one.token_loss_mean * len(rows)
+        conf_sum += one.confidence_mean * len(rows)
+    denominator = loss_denominator(normalization, weight_sum, n, eps)
+    return OpdLoss(loss=total * 0.0 if denominator is None else total / denominator, no_update=denominator is None,
+                   num_tokens=n, weight_sum=weight_sum, token_loss_mean=loss_sum / n if n else 0.0,
+                   confidence_mean=conf_sum / n if n else 0.0, intervention_mean=float(i.mean()) if n else 0.0,
+                   weighted_sum=total)
 
 
 @torch.no_grad()
 def shared_vocab_kl(student_hidden: torch.Tensor, student_weight: torch.Tensor, span: torch.Tensor,
-                    teacher: AlignedTeacher, shared: SharedVocab, chunk_size: int = 256) -> tuple[float, int]:
+                    teacher: AlignedTeacher, chunk_size: int = 256) -> tuple[float, int]:
     """The cross-tokenizer divergence: sum and count of reverse KL(p || q) on the shared vocabulary (renormalised)
     over the student tokens of one-to-one spans (with one tokenizer: the exact token KL over every token)."""
     spans = _Spans.of(span, teacher.span)
-    kl = _matched_rows(student_hidden, student_weight, teacher, shared, spans, "reverse_kl", 0.5, 0, chunk_size)
-    return float(kl.sum()), int(kl.numel())
+    n = len(spans.rows)
+    if not n:
+        return 0.0, 0
+    kl = opd_loss(student_hidden[spans.rows].detach(), student_weight.detach(), _SharedVocabTeacher(
+        teacher.hidden[spans.t_rows], teacher.weight, _shared_on(teacher.shared, student_hidden.device), 0),
+        confidence="none", normalization="none", chunk_size=chunk_size)
+    return kl.token_loss_mean * n, n

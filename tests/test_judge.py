@@ -176,7 +176,8 @@ FEEDBACK_GRADE = {"Nothing happens.": "strong", "You see a drawer 3 and a desk 1
 def graded_turns(n: int, start: int = 0) -> list[JudgeTurn]:
     """Turns whose feedback says which answer a graded teacher trained on them should give."""
     feedbacks = [*FEEDBACK_GRADE, "You open the drawer 2. It is empty."]
-    return [JudgeTurn(f"put a {WORDS[k % 15]} in the {WORDS[(7 * k) % 15]}", [{"role": "user", "content": "you see a desk"}],
+    history = [{"role": "user", "content": "you see a desk"}]
+    return [JudgeTurn(f"put a {WORDS[k % 15]} in the {WORDS[(7 * k) % 15]}", history,
                       f"<action>open {WORDS[(k * 5) % 15]} {k % 9 + 1}</action>", feedbacks[k % 3])
             for k in range(start, start + n)]
 

@@ -40,13 +40,13 @@ def built(tiny_models, tmp_path, *extra: str):
 
 # ---- the dependency direction and the algorithm table ---------------------------------------------------
 def test_the_loss_layer_loads_no_env_rollout_or_config():
-    code = ("import sys, sage_opd.objective, sage_opd.losses, sage_opd.algorithm, sage_opd.records; "
-            "print('\\n'.join(sys.modules))")
+    code = ("import sys, sage_opd.objective, sage_opd.losses, sage_opd.xtok_losses, sage_opd.algorithm, "
+            "sage_opd.records; print('\\n'.join(sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert "sage_opd.objective" in loaded
     assert not [m for m in loaded if m.split(".")[0] in ("sage_gym", "sage_rollout", "sage_models", "sage_evals",
                                                          "alfworld", "textworld", "scienceworld")
-                or m in ("sage_opd.rollout", "sage_opd.config", "sage_opd.teacher")]
+                or m in ("sage_opd.rollout", "sage_opd.config", "sage_opd.teacher", "sage_opd.xtok")]
 
 
 def test_algorithms_say_who_writes_what_is_imitated_and_which_loss(tiny_models, tmp_path):

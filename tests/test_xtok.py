@@ -5,6 +5,7 @@ tokens, its own chat template and its own end-of-turn token, and SmolLM2's real 
 
 from __future__ import annotations
 
+import json
 import random
 from itertools import accumulate
 
@@ -15,13 +16,14 @@ from sage_models import TokenHistory, chat_ids
 from sage_models.tiny import build_model, build_tokenizer
 from sage_opd.losses import DenseTeacher, opd_loss
 from sage_opd.teacher import lm_hidden_states, make_batch
-from sage_opd.xtok import CrossTokenizer, TokenText, UnalignableTokenizerError, align_spans, char_ends
+from sage_opd.xtok import CrossTokenizer, TokenText, UnalignableTokenizerError, align_spans, char_ends, span_ids
 from sage_opd.xtok_losses import MODES, AlignedTeacher, shared_vocab_kl, xtok_loss
 
 OTHER_TEMPLATE = ("{% for message in messages %}<|turn|>{{ message['role'] }}: {{ message['content'] }}<|eot|>\n"
                   "{% endfor %}{% if add_generation_prompt %}<|turn|>assistant: {% endif %}")
 TEXTS = ["Think: go to the desk 1.\n<action>take mug 2 from desk 1</action>", "  leading and trailing spaces  ",
-         "tabs\tand\nnew\n\nlines\r\n", "üñí 東京 ¿? naïve café", "emoji 🙂 family 👩‍👩‍👧 flag 🇫🇷",
+         "tabs\tand\nnew\n\nlines\r\n", "üñí 東京 ¿? naïve café",
+         "emoji 🙂 family 👩‍👩‍👧 flag 🇫🇷",
          "combining e\u0301 and zero\u200bwidth joiner", "שלום עולם مرحبا", "x", " ", "\n\n\n",
          "numbers 1234567890 3.14159 -7", "a literal <|im_start|> in the text", "ÿ\u00a0\u3000\u2028 odd spaces"]
 WORDS = ("go to take put open close the desk drawer fridge mug apple cabinet heat cool look you see nothing happens "
@@ -38,6 +40,30 @@ def other_tokenizer():
     return tok
 
 
+def byte_fallback_tokenizer():
+    """A SentencePiece-style BPE (``▁`` for spaces, ``<0xNN>`` byte-fallback pieces in its vocabulary, as Gemma's),
+    trained here on the tiny models' text."""
+    import json as json_
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from sage_models.tiny import CHATML, SPECIAL, _corpus
+
+    trained = Tokenizer(models.BPE())
+    trained.normalizer = normalizers.Replace(" ", "\u2581")
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+    trained.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIAL + byte_pieces,
+                                                               show_progress=False))
+    model = json_.loads(trained.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Tokenizer(models.BPE(vocab=model["vocab"], merges=merges, byte_fallback=True))  # byte pieces: vocabulary
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>"], chat_template=CHATML)
+
+
 @pytest.fixture(scope="module")
 def student_tok():
     return build_tokenizer(512)
@@ -49,7 +75,8 @@ def teacher_toks():
 
     from sage_models import smollm2_path
 
-    return {"other": other_tokenizer(), "smollm2": AutoTokenizer.from_pretrained(smollm2_path())}
+    return {"other": other_tokenizer(), "smollm2": AutoTokenizer.from_pretrained(smollm2_path()),
+            "byte_fallback": byte_fallback_tokenizer()}
 
 
 def student_id_variants(tok, text: str, rng: random.Random) -> dict[str, list[int]]:
@@ -61,7 +88,8 @@ def student_id_variants(tok, text: str, rng: random.Random) -> dict[str, list[in
     singles = [byte_token[bytes([b])] for b in text.encode()]
     specials = set(tok.all_special_ids) | set(tok.added_tokens_decoder)
     sampled = [rng.choice([i for i in range(len(tok)) if i not in specials]) for _ in range(rng.randint(1, 24))]
-    return {"canonical": canonical, "bytes": singles, "sampled": sampled, "canonical+eos": canonical + [tok.eos_token_id]}
+    return {"canonical": canonical, "bytes": singles, "sampled": sampled,
+            "canonical+eos": canonical + [tok.eos_token_id]}
 
 
 def teacher_spells(xtok: CrossTokenizer, ch: str) -> bool:
@@ -103,9 +131,12 @@ def check_alignment(xtok: CrossTokenizer, ids: list[int], valid_utf8: bool) -> N
         assert al.teacher_ids[-1] == xtok.teacher_tok.eos_token_id
 
 
-@pytest.mark.parametrize("teacher", ["other", "smollm2"])
+@pytest.mark.parametrize("teacher", ["other", "smollm2", "byte_fallback"])
 def test_alignment_maps_every_student_token(student_tok, teacher_toks, teacher):
     xtok = CrossTokenizer(student_tok, teacher_toks[teacher])
+    if teacher == "byte_fallback":  # a character outside its vocabulary is spelled by its byte pieces
+        ids = xtok.teacher_tok("東", add_special_tokens=False)["input_ids"]
+        assert xtok.teacher.pieces(ids) == [b"\xe6", b"\x9d", b"\xb1"]
     rng = random.Random(0)
     for text in TEXTS:
         for kind, ids in student_id_variants(student_tok, text, rng).items():
@@ -126,7 +157,8 @@ def test_identical_tokenizers_align_one_to_one(student_tok):
 
 
 def test_char_ends_and_align_spans_on_a_worked_example():
-    text, ends = char_ends([b"ab", b"\xe6", b"\x9d\xb1c", b"\xff"])  # "ab", half of 東, its rest + "c", an invalid byte
+    # "ab", half of 東, its rest + "c", an invalid byte
+    text, ends = char_ends([b"ab", b"\xe6", b"\x9d\xb1c", b"\xff"])
     assert text == "ab東c\ufffd" and ends == [2, None, 4, 5]
     assert align_spans([2, None, 4, 5], [1, 4, 5]) == ([0, 0, 0, 1], [0, 0, 1])
     assert align_spans([2, None, 4, 5], [1, 3, 5]) == ([0, 0, 0, 0], [0, 0, 0])
@@ -192,20 +224,12 @@ def states(model, turns, pad: int):
     return hidden[mask], weight, batch.target_ids[mask]
 
 
-def spans_of(aligned) -> tuple[torch.Tensor, torch.Tensor]:
-    s, t, offset = [], [], 0
-    for a in aligned:
-        s += [offset + k for k in a.alignment.student_span]
-        t += [offset + k for k in a.alignment.teacher_span]
-        offset = max(s + t) + 1
-    return torch.tensor(s), torch.tensor(t)
-
-
 @pytest.fixture(scope="module")
 def shared_models(tiny_models):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return (AutoTokenizer.from_pretrained(tiny_models["student"]), AutoModelForCausalLM.from_pretrained(tiny_models["student"]),
+    return (AutoTokenizer.from_pretrained(tiny_models["student"]),
+            AutoModelForCausalLM.from_pretrained(tiny_models["student"]),
             AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]))
 
 
@@ -218,8 +242,9 @@ def test_with_one_tokenizer_every_option_is_the_exact_loss(shared_models, mode, 
     turns = episode(tok, responses(rng, 3)) + episode(tok, responses(rng, 2), task="heat an apple")
     xtok = CrossTokenizer(tok, tok)
     aligned = xtok.teacher_turns(turns)
-    assert [(a.teacher.prompt_ids, a.teacher.token_ids) for a in aligned] == [(t.prompt_ids, t.token_ids) for t in turns]
-    s_span, t_span = spans_of(aligned)
+    assert [(a.teacher.prompt_ids, a.teacher.token_ids) for a in aligned] == \
+        [(t.prompt_ids, t.token_ids) for t in turns]
+    s_span, t_span = span_ids(aligned)
     with torch.no_grad():
         s_h, s_w, y = states(student, turns, tok.pad_token_id)
         t_h, t_w, z = states(teacher, [a.teacher for a in aligned], tok.pad_token_id)
@@ -230,7 +255,7 @@ def test_with_one_tokenizer_every_option_is_the_exact_loss(shared_models, mode, 
                      token_loss="sampled" if mode == "sequence" else token_loss, **kwargs)
     exact.loss.backward()
     cross = [s_h.clone().requires_grad_(), s_w.detach().clone().requires_grad_()]
-    got = xtok_loss(*cross, y, s_span, AlignedTeacher(t_h, t_w, z, t_span), xtok.shared, mode=mode,
+    got = xtok_loss(*cross, y, s_span, AlignedTeacher(t_h, t_w, z, t_span, xtok.shared), mode=mode,
                     token_loss=token_loss, chunk_size=5, **kwargs)
     got.loss.backward()
     assert got.loss.item() == pytest.approx(exact.loss.item(), rel=1e-5, abs=1e-6)
@@ -276,7 +301,7 @@ def test_options_across_tokenizers_match_their_definitions(student_tok, teacher_
     turns = episode(student_tok, responses(rng, 2) + ["a literal üñí 東京 and emoji 🙂"])
     xtok = CrossTokenizer(student_tok, teacher_tok)
     aligned = xtok.teacher_turns(turns)
-    s_span, t_span = spans_of(aligned)
+    s_span, t_span = span_ids(aligned)
     one_to_one = sum(s_span.tolist().count(j) == 1 == t_span.tolist().count(j) for j in set(s_span.tolist()))
     assert 0 < one_to_one < len(set(s_span.tolist()))  # both kinds of span occur
     with torch.no_grad():
@@ -291,7 +316,7 @@ def test_options_across_tokenizers_match_their_definitions(student_tok, teacher_
     s_logits = (s_h @ s_w.T).detach().requires_grad_()
     want = naive_token_values(s_logits, t_h @ t_w.T, y, z, s_span, t_span, pairs, mode)
     leaf = s_h.clone().requires_grad_()
-    got = xtok_loss(leaf, s_w, y, s_span, AlignedTeacher(t_h, t_w, z, t_span), xtok.shared, mode=mode,
+    got = xtok_loss(leaf, s_w, y, s_span, AlignedTeacher(t_h, t_w, z, t_span, xtok.shared), mode=mode,
                     confidence="none", normalization="none", top_k=5, chunk_size=4)
     assert got.loss.item() == pytest.approx(want.mean().item(), rel=1e-4)
     got.loss.backward()
@@ -354,15 +379,15 @@ def test_a_short_run_lowers_the_cross_tokenizer_divergence_on_held_out_turns(stu
 
     def prepared(turns):
         aligned = xtok.teacher_turns(turns)
-        s_span, t_span = spans_of(aligned)
+        s_span, t_span = span_ids(aligned)
         with torch.no_grad():
             t_h, t_w, z = states(teacher, [a.teacher for a in aligned], teacher_tok.pad_token_id)
-        return s_span, AlignedTeacher(t_h, t_w, z, t_span)
+        return s_span, AlignedTeacher(t_h, t_w, z, t_span, xtok.shared)
 
     def divergence(model) -> float:
         with torch.no_grad():
             s_h, s_w, _ = states(model, held_out, student_tok.pad_token_id)
-        total, count = shared_vocab_kl(s_h, s_w, *prepared(held_out), xtok.shared)
+        total, count = shared_vocab_kl(s_h, s_w, *prepared(held_out))
         assert count > 0.5 * s_h.shape[0]  # most tokens sit in one-to-one spans
         return total / count
 
@@ -371,10 +396,90 @@ def test_a_short_run_lowers_the_cross_tokenizer_divergence_on_held_out_turns(stu
     optim = torch.optim.AdamW(student.parameters(), lr=1e-2)
     for _ in range(25):
         s_h, s_w, y = states(student, train, student_tok.pad_token_id)
-        out = xtok_loss(s_h, s_w, y, s_span, aligned_teacher, xtok.shared, mode=mode)
+        out = xtok_loss(s_h, s_w, y, s_span, aligned_teacher, mode=mode)
         optim.zero_grad()
         out.loss.backward()
         optim.step()
     after = divergence(student)
     assert after < 0.7 * before, (before, after)
 
+
+
+# ---- the trainer ----------------------------------------------------------------------------------------------------
+def rollout_file(tok, path, seed: int, n_episodes: int = 2):
+    """A fixed rollout batch of valid student turns (token in, token out), saved as the trainer reads it."""
+    from sage_opd.records import EpisodeRecord, RolloutBatch, TurnRecord
+
+    rng, episodes = random.Random(seed), []
+    for e in range(n_episodes):
+        turns = episode(tok, responses(rng, 3), task=f"put a {WORDS[e]} in the fridge")
+        episodes.append(EpisodeRecord(f"game-{e}", "task", "pick_and_place_simple", turns=[
+            TurnRecord(episode=e, turn=k, task=f"put a {WORDS[e]} in the fridge", messages=t.messages,
+                       prompt_ids=t.prompt_ids, token_ids=t.token_ids, text=t.text, action_valid=True,
+                       invalid_reason=None, feedback="You see a desk 1.") for k, t in enumerate(turns)]))
+    RolloutBatch(episodes).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cross_teacher(tmp_path_factory, teacher_toks, trained_teacher):
+    """The trained teacher over the 400-token tokenizer (another chat template, another eos), as a model folder."""
+    folder = tmp_path_factory.mktemp("cross-teacher")
+    trained_teacher.save_pretrained(folder)
+    teacher_toks["other"].save_pretrained(folder)
+    return folder
+
+
+def trainer_config(tiny_models, teacher, out, train_file, *extra):
+    from sage_opd.config import load_config
+
+    return load_config(None, [f"student.path={tiny_models['student']}", f"teacher.path={teacher}", f"log.out_dir={out}",
+                              "log.tensorboard=false", "log.save_every=0", f"rollout.from_file={train_file}",
+                              "rollout.episodes_per_step=2", "eval.every=0", "optim.lr=2e-2", "optim.steps=10", *extra])
+
+
+def test_the_trainer_refuses_another_tokenizer_unless_asked(tiny_models, cross_teacher, tmp_path, student_tok, capsys):
+    from sage_opd.config import ConfigError
+    from sage_opd.teacher import TokenizerMismatchError
+    from sage_opd.trainer import Trainer
+
+    train = rollout_file(student_tok, tmp_path / "train.json", seed=0)
+    with pytest.raises(TokenizerMismatchError, match="share a tokenizer.*loss.cross_tokenizer=sequence, shared_vocab"):
+        Trainer(trainer_config(tiny_models, cross_teacher, tmp_path / "a", train))
+    with pytest.raises(ConfigError, match="guided_opd trains on teacher-written turns"):
+        Trainer(trainer_config(tiny_models, cross_teacher, tmp_path / "b", train, "algorithm=guided_opd",
+                               "loss.cross_tokenizer=sequence"))
+    trainer = Trainer(trainer_config(tiny_models, tiny_models["teacher"], tmp_path / "c", train,
+                                     "loss.cross_tokenizer=uld"))
+    assert trainer.xtok is None
+    assert "teacher path: exact (teacher and student share a tokenizer)" in capsys.readouterr().out
+    trainer.close()
+
+
+@pytest.mark.parametrize("algorithm,mode,judge", [("opd", "sequence", "hard"), ("sage_opd", "shared_vocab", "graded"),
+                                                  ("sage_opd", "uld", "soft")])
+def test_the_trainer_distils_across_tokenizers(tiny_models, cross_teacher, tmp_path, student_tok, capsys,
+                                               algorithm, mode, judge):
+    from sage_opd.records import RolloutBatch
+    from sage_opd.trainer import Trainer
+
+    train = rollout_file(student_tok, tmp_path / "train.json", seed=0)
+    held_out = RolloutBatch.load(rollout_file(student_tok, tmp_path / "held_out.json", seed=1)).turns
+    trainer = Trainer(trainer_config(tiny_models, cross_teacher, tmp_path / "run", train, f"algorithm={algorithm}",
+                                     f"loss.cross_tokenizer={mode}", f"loss.judge_mode={judge}",
+                                     "log.judge_turns=true"))
+    assert f"teacher path: cross-tokenizer (the teacher's tokenizer differs from the student's), " \
+           f"loss.cross_tokenizer={mode}" in capsys.readouterr().out
+    before = trainer.token_kl(held_out)
+    history = trainer.train()
+    after = trainer.token_kl(held_out)
+    assert after < 0.8 * before, (before, after)
+    assert history[-1]["kl"] < history[0]["kl"] and all(m["response_tokens"] > 0 for m in history)
+    if algorithm == "sage_opd":  # the judge read every turn with the teacher's own tokenizer and chat template
+        assert trainer.judge.tokenizer.chat_template == OTHER_TEMPLATE
+        assert all(m["judge_calls"] == 6 for m in history)
+        answers = ("Skip", "Weak", "Strong") if judge == "graded" else ("Yes", "No")
+        rows = [json.loads(line) for line in (tmp_path / "run" / "judge_turns.jsonl").read_text().splitlines()]
+        assert len(rows) == 6 * 10 and all(tuple(r["answers"]) == answers for r in rows)
+        yes = [1 - r["answers"]["Skip"] if judge == "graded" else r["answers"]["Yes"] for r in rows]
+        assert [r["p_yes"] for r in rows] == pytest.approx(yes)
