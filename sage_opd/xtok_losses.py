@@ -192,26 +192,22 @@ def xtok_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, target
     i = intervention.reshape(-1).detach().float() if intervention is not None else torch.ones(n, device=device)
     rows = spans.rows if matched else spans.rows[:0]
     seq = torch.ones(n, dtype=torch.bool, device=device).index_fill(0, rows, False)
-    t_seq = torch.ones(len(spans.t_idx), dtype=torch.bool, device=device).index_fill(0, spans.t_rows[:len(rows)], False)
-    losses = torch.zeros(n, device=device)  # values of the sequence-scored tokens (others 0)
-    conf = torch.zeros(n, device=device)
-    total = student_hidden.new_zeros((), dtype=torch.float32)
+    t_seq = torch.ones(len(spans.t_idx), dtype=torch.bool, device=device)
+    t_seq = t_seq.index_fill(0, spans.t_rows[:len(rows)], False)
 
     # spans scored by their text's log-probabilities: the sampled surrogate sg(A_j) log p(y_k), value A_j / |S_j|
     logq_z, conf_t = _teacher_stats(teacher.select(t_seq), confidence, chunk_size)
     s_rows = torch.nonzero(seq).squeeze(1)
     logp_y = torch.cat([checkpoint(_token_logprobs, student_hidden[s_rows[s:s + chunk_size]], student_weight,
                                    target_ids[s_rows[s:s + chunk_size]], use_reentrant=False)
-                        for s in range(0, len(s_rows), chunk_size)]) if len(s_rows) else total.new_zeros(0)
+                        for s in range(0, len(s_rows), chunk_size)]) if len(s_rows) else i.new_zeros(0)
     s_idx, t_idx = spans.s_idx[seq], spans.t_idx[t_seq]
     per_span = torch.zeros(len(spans.n_s), device=device).index_add(0, s_idx, logp_y.detach())
     adv = per_span.index_add(0, t_idx, -logq_z)[s_idx]
     seq_losses = adv / spans.n_s[s_idx] + adv * (logp_y - logp_y.detach())
-    conf[seq] = (torch.zeros(len(spans.n_t), device=device).index_add(0, t_idx, conf_t) / spans.n_t.clamp(min=1))[s_idx]
-    total = total + (i[seq] * conf[seq] * seq_losses).sum()
-    losses[seq] = seq_losses.detach()
-
-    weight_sum, loss_sum, conf_sum = float((i[seq] * conf[seq]).sum()), float(losses.sum()), float(conf.sum())
+    conf = (torch.zeros(len(spans.n_t), device=device).index_add(0, t_idx, conf_t) / spans.n_t.clamp(min=1))[s_idx]
+    total = (i[seq] * conf * seq_losses).sum() + student_hidden.sum() * 0.0  # in the graph even with no token
+    weight_sum, loss_sum, conf_sum = float((i[seq] * conf).sum()), float(seq_losses.detach().sum()), float(conf.sum())
     if len(rows):  # one-to-one spans: the distribution losses, chunked
         one = opd_loss(student_hidden[rows], student_weight, _SharedVocabTeacher(
             teacher.hidden[spans.t_rows], teacher.weight, _shared_on(teacher.shared, device),
