@@ -64,6 +64,9 @@ def test_algorithms_say_who_writes_what_is_imitated_and_which_loss(tiny_models, 
     expert, teacher = algorithm_for("sft", "expert"), algorithm_for("sft", "teacher")
     assert not expert.needs_teacher and teacher.needs_teacher and teacher.teacher_writes
     assert all(ALGORITHMS[a].needs_teacher for a in ("opd", "sage_opd", "guided_opd"))
+    # a teacher with its own tokenizer (loss.cross_tokenizer) only where it never writes a turn
+    assert [ALGORITHMS[a].any_teacher_tokenizer for a in ("opd", "sage_opd", "guided_opd")] == [True, True, False]
+    assert not teacher.any_teacher_tokenizer
     guided = ALGORITHMS["guided_opd"]
     assert guided.teacher_prob(0, 10, 0.5) == 1.0 and guided.teacher_prob(5, 10, 0.5) == 0.0
     assert guided.teacher_prob(3, 10, 0.8) == guided_beta(3, 10, 0.8) and 0 < guided_beta(3, 10, 0.8) < 1

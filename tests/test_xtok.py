@@ -483,3 +483,67 @@ def test_the_trainer_distils_across_tokenizers(tiny_models, cross_teacher, tmp_p
         assert len(rows) == 6 * 10 and all(tuple(r["answers"]) == answers for r in rows)
         yes = [1 - r["answers"]["Skip"] if judge == "graded" else r["answers"]["Yes"] for r in rows]
         assert [r["p_yes"] for r in rows] == pytest.approx(yes)
+
+
+def test_the_phases_across_tokenizers(tiny_models, cross_teacher, tmp_path, student_tok):
+    """build takes the cross-tokenizer path and gives the judge the teacher's tokenizer; the loss phase (two
+    micro-batches, a skipped turn, an imitated expert turn) gives the sums and gradients of xtok_loss and the
+    cross-entropy computed turn by turn from the two models."""
+    import torch.nn.functional as F
+
+    from sage_opd.algorithm import algorithm_for
+    from sage_opd.build import build, check_models
+    from sage_opd.loss_phase import LossPhase
+    from sage_opd.parallel import DistInfo
+    from sage_opd.records import RolloutBatch
+    from sage_opd.score_phase import Scores
+
+    train = rollout_file(student_tok, tmp_path / "train.json", seed=0)
+    cfg = trainer_config(tiny_models, cross_teacher, tmp_path / "run", train, "loss.cross_tokenizer=uld",
+                         "loss.uld_top_k=5", "loss.judge_mode=graded")
+    algorithm = algorithm_for(cfg.algorithm)
+    loss = algorithm.loss_options(cfg.loss)
+    plan = check_models(cfg, algorithm, DistInfo(), torch.float32)
+    assert plan.xtok is not None and plan.xtok.teacher_tok is plan.teacher_tokenizer
+    assert plan.route.startswith("teacher path: cross-tokenizer") and "loss.cross_tokenizer=uld" in plan.route
+    parts = build(cfg, algorithm, loss, plan, DistInfo(), torch.float32)
+    assert parts.judge.tokenizer is plan.teacher_tokenizer and parts.judge.answers == ("Skip", "Weak", "Strong")
+    student, teacher, xtok = parts.student, parts.teacher.model, plan.xtok
+
+    turns = RolloutBatch.load(train).turns  # 2 episodes x 3 valid student turns
+    turns[4].source = "expert"
+    interventions, imitated = [1.0, 0.0, 0.6, 0.3, 1.0, 0.8], [False, False, False, False, True, False]
+    # the premise of a turn-by-turn reference: a turn's teacher prompt is the same whatever turns precede it
+    assert [a.teacher.prompt_ids for a in xtok.teacher_turns(turns)] == \
+        [xtok.teacher_turns([t])[0].teacher.prompt_ids for t in turns]
+    sums = LossPhase(student, parts.teacher, loss, grad_accum=2, xtok=xtok)(turns, Scores(interventions, imitated))
+    got = {n: p.grad.clone() for n, p in student.model.named_parameters()}
+
+    student.model.zero_grad(set_to_none=True)
+    total, weight_sum, opd_tokens = 0.0, 0.0, 0
+    t_pad, t_vocab = xtok.teacher_tok.pad_token_id, len(xtok.teacher_tok)
+    for t, i, im in zip(turns, interventions, imitated):
+        hidden, weight, targets = states(student.model, [t], student.pad_id)
+        if im:
+            part = F.cross_entropy(hidden @ weight[:student.vocab].T, targets, reduction="sum")
+            weight_sum += len(targets)
+        elif i > 0:
+            (aligned,) = xtok.teacher_turns([t])
+            s_span, t_span = span_ids([aligned])
+            with torch.no_grad():
+                t_hidden, t_weight, t_targets = states(teacher, [aligned.teacher], t_pad)
+            ref = xtok_loss(hidden, weight[:student.vocab], targets, s_span,
+                            AlignedTeacher(t_hidden, t_weight[:t_vocab], t_targets, t_span, xtok.shared), mode="uld",
+                            intervention=torch.full((len(targets),), i), confidence=loss.confidence, top_k=5)
+            part, weight_sum, opd_tokens = ref.weighted_sum, weight_sum + ref.weight_sum, opd_tokens + len(targets)
+        else:
+            continue
+        part.backward()
+        total += float(part.detach())
+    assert (sums["opd_tokens"], sums["ce_tokens"]) == (opd_tokens, len(turns[4].token_ids))
+    assert sums["tokens"] == sum(len(t.token_ids) for t in turns) > opd_tokens + sums["ce_tokens"]  # the skipped turn
+    assert sums["weighted_loss"] == pytest.approx(total, rel=1e-4)
+    assert sums["weight_sum"] == pytest.approx(weight_sum, rel=1e-5)
+    assert sums["kl_sum"] > 0  # the shared-vocabulary KL, not the options' values
+    for n, p in student.model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-3, atol=1e-6)
