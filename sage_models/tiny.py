@@ -27,7 +27,7 @@ _WORDS = (
     "apple bowl mug cup plate knife pan pot book cd pen pencil alarmclock desklamp lettuce potato tomato "
     "you arrive at see nothing happens your task is to think first then act search answer question "
     "which who what when where is was are water boil temperature thermometer focus on move to kitchen "
-    "yes no correct should be corrected response history environment feedback action valid invalid"
+    "yes no correct should be corrected response history environment feedback action valid invalid skip weak strong"
 ).split()
 
 
@@ -78,7 +78,7 @@ def build_tiny_models(out_dir: str | Path, vocab_size: int = 512) -> dict[str, P
     Reuses folders already built with the same settings, so repeated calls are cheap.
     """
     out_dir = Path(out_dir)
-    stamp = {"vocab_size": vocab_size, "sizes": SIZES, "version": 1}
+    stamp = {"vocab_size": vocab_size, "sizes": SIZES, "version": 2}  # 2: the graded judge's answer words
     paths = {name: out_dir / name for name in SIZES}
     stamp_file = out_dir / "tiny-models.json"
     if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp and all((p / "config.json").exists() for p in paths.values()):

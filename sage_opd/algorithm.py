@@ -1,14 +1,15 @@
 """What each training algorithm does, as data (SPEC section 4): who writes the rollout turns, which
 turns are imitated (cross-entropy on their tokens) rather than distilled (the OPD token loss against
-the teacher), whether the teacher judges turns, and which loss options apply. The trainer's phases
-read an ``Algorithm``; nothing else branches on the algorithm's name.
+the teacher), whether the teacher judges turns, which loss options apply and whether the teacher may
+have its own tokenizer. The trainer's phases read an ``Algorithm``; nothing else branches on the
+algorithm's name.
 
-| algorithm    | rollout turns written by                 | imitated turns        | loss options            |
-|--------------|------------------------------------------|-----------------------|-------------------------|
-| `opd`        | the student                              | none                  | i = 1, c = 1, sum(l)/N  |
-| `sage_opd`   | the student                              | none                  | the config's (judge...) |
-| `guided_opd` | the teacher with probability beta_s      | the teacher's         | i = 1, c = 1, sum(l)/N  |
-| `sft`        | the env's expert, or the teacher         | all                   | cross-entropy, sum/N    |
+| algorithm    | rollout turns written by            | imitated turns | loss options            | teacher's tokenizer   |
+|--------------|-------------------------------------|----------------|-------------------------|-----------------------|
+| `opd`        | the student                         | none           | i = 1, c = 1, sum(l)/N  | any (cross_tokenizer) |
+| `sage_opd`   | the student                         | none           | the config's (judge...) | any (cross_tokenizer) |
+| `guided_opd` | the teacher with probability beta_s | the teacher's  | i = 1, c = 1, sum(l)/N  | the student's         |
+| `sft`        | the env's expert, or the teacher    | all            | cross-entropy, sum/N    | the student's         |
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ class Algorithm:
     def needs_teacher(self) -> bool:
         return self.teacher_writes or not self.imitate_all
 
+    @property
+    def any_teacher_tokenizer(self) -> bool:
+        """The teacher may have another tokenizer than the student's (``loss.cross_tokenizer``): it only scores and
+        judges student turns, re-rendered as text for it; a teacher that writes turns must write the student's ids."""
+        return not self.teacher_writes
+
     def imitates(self, source: str) -> bool:
         """Whether a turn written by ``source`` (student, teacher, expert) is trained by cross-entropy."""
         return self.imitate_all or source in ("teacher", "expert")
@@ -66,7 +73,8 @@ class Algorithm:
         return dataclasses.replace(loss, intervention="all", confidence="none", normalization="standard")
 
     def judges(self, loss: LossConfig) -> bool:
-        """Whether the teacher judges turns (i_t from ``sage_opd.judge``) rather than i_t = 1."""
+        """Whether the teacher judges turns (i_t from ``sage_opd.judge``, Yes/No or graded by ``loss.judge_mode``)
+        rather than i_t = 1."""
         return self.selective and loss.intervention != "all"
 
 

@@ -1,9 +1,10 @@
 """The build phase: from the config, the student (LoRA, gradient checkpointing, FSDP shards plus a full
 copy for generation), the teacher (in process or a server), the judge, the optimiser and its schedule.
 
-``check_models`` runs first and loads nothing but tokenizers: it resolves the model paths, checks
-that teacher and student share a tokenizer and that weights, gradients and AdamW state fit in
-memory (parameters counted on the meta device); ``build`` then loads everything.
+``check_models`` runs first and loads nothing but tokenizers: it resolves the model paths, decides
+the teacher path (exact when teacher and student share a tokenizer; across tokenizers with
+``loss.cross_tokenizer``, refused otherwise) and checks that weights, gradients and AdamW state fit
+in memory (parameters counted on the meta device); ``build`` then loads everything.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sage_gym.errors import SageError
 from sage_opd.algorithm import Algorithm
 from sage_opd.config import ConfigError, LossConfig, TrainConfig
 from sage_opd.parallel import DistInfo, full_state_dict, shard_fsdp
-from sage_opd.teacher import TurnIds, check_same_tokenizer, lm_hidden_states, make_batch
+from sage_opd.teacher import TokenizerMismatchError, TurnIds, check_same_tokenizer, lm_hidden_states, make_batch
 
 
 class ModelTooLargeError(SageError, MemoryError):
@@ -88,16 +89,41 @@ def check_fits(student_params: int, teacher_params: int, trainable: int, dtype: 
 
 @dataclass
 class ModelPlan:
-    """What ``build`` will load, checked: model paths and the tokenizers (the teacher's matches the student's)."""
+    """What ``build`` will load, checked: model paths, the tokenizers and the teacher path they allow."""
 
     student_path: str
     teacher_path: str | None  # an in-process teacher's folder (None: no teacher, or a teacher server)
     tokenizer: Any
     teacher_tokenizer: Any
+    xtok: Any = None  # sage_opd.xtok.CrossTokenizer when the teacher has another tokenizer; None: the exact path
+    route: str | None = None  # the start-up line saying which teacher path was taken (None: no teacher)
+
+
+def teacher_route(cfg: TrainConfig, algorithm: Algorithm, tokenizer, teacher_tok):
+    """(None, line) on the exact path, where teacher and student share a tokenizer; (CrossTokenizer, line) across
+    tokenizers with ``loss.cross_tokenizer``, which is refused when unset or when the algorithm's teacher writes
+    turns (``Algorithm.any_teacher_tokenizer``)."""
+    mode = cfg.loss.cross_tokenizer
+    try:
+        check_same_tokenizer(tokenizer, teacher_tok)
+    except TokenizerMismatchError as err:
+        if mode is None:
+            raise TokenizerMismatchError(f"{err} Or distil across tokenizers with loss.cross_tokenizer=sequence, "
+                                         "shared_vocab or uld (approximations: docs/sage-opd-losses.md).") from None
+        if not algorithm.any_teacher_tokenizer:
+            raise ConfigError(f"loss.cross_tokenizer trains opd and sage_opd; {algorithm.name} trains on "
+                              "teacher-written turns, which needs a teacher with the student's tokenizer") from None
+        from sage_opd.xtok import CrossTokenizer
+
+        xtok = CrossTokenizer(tokenizer, teacher_tok)
+        return xtok, (f"teacher path: cross-tokenizer (the teacher's tokenizer differs from the student's), "
+                      f"loss.cross_tokenizer={mode} on aligned text spans, {len(xtok.shared.student_ids)} shared ids")
+    return None, "teacher path: exact (teacher and student share a tokenizer)"
 
 
 def check_models(cfg: TrainConfig, algorithm: Algorithm, dist_info: DistInfo, dtype: torch.dtype) -> ModelPlan:
-    """Resolve the models, load their tokenizers, refuse a teacher with another tokenizer or models that do not fit."""
+    """Resolve the models, load their tokenizers, decide the teacher path (``teacher_route``), refuse models that do
+    not fit."""
     from transformers import AutoTokenizer
 
     remote = algorithm.needs_teacher and cfg.teacher.server_url is not None
@@ -105,8 +131,9 @@ def check_models(cfg: TrainConfig, algorithm: Algorithm, dist_info: DistInfo, dt
     teacher_path = resolve_model_path(cfg.teacher.path) if algorithm.needs_teacher and not remote else None
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     teacher_tok = AutoTokenizer.from_pretrained(teacher_path) if teacher_path else None
-    if teacher_tok is not None:
-        check_same_tokenizer(tokenizer, teacher_tok)
+    xtok, route = teacher_route(cfg, algorithm, tokenizer, teacher_tok) if teacher_tok is not None else (None, None)
+    if remote:  # load_teacher checks the server's tokenizer
+        route = "teacher path: exact (the teacher server shares the student's tokenizer)"
     student_params = count_parameters(student_path)
     teacher_params = count_parameters(teacher_path) if teacher_path else 0
     trainable_guess = student_params // 100 if cfg.student.lora.enabled else student_params
@@ -116,7 +143,7 @@ def check_models(cfg: TrainConfig, algorithm: Algorithm, dist_info: DistInfo, dt
                               "use dist.strategy=ddp")
         trainable_guess //= dist_info.world  # sharded gradients and AdamW state (plus a full rollout copy)
     check_fits(student_params, teacher_params, trainable_guess, dtype, dist_info.device)
-    return ModelPlan(student_path, teacher_path, tokenizer, teacher_tok)
+    return ModelPlan(student_path, teacher_path, tokenizer, teacher_tok, xtok, route)
 
 
 class Student:
@@ -225,13 +252,14 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]):
 
 
 def build_judge(cfg: TrainConfig, algorithm: Algorithm, loss: LossConfig, teacher, tokenizer):
-    """SAGE-OPD's turn judge over the teacher (None when every i_t is 1)."""
+    """SAGE-OPD's turn judge over the teacher (None when every i_t is 1); ``tokenizer`` is the teacher's (the judge
+    renders its prompt as the teacher reads text)."""
     if not algorithm.judges(loss):
         return None
     from sage_opd.judge import JudgeConfig, TurnJudge
 
     return TurnJudge(teacher, tokenizer, JudgeConfig(
-        mode=loss.intervention, decision=loss.judge_mode, tau=loss.tau,
+        mode=loss.intervention, decision=loss.judge_mode, tau=loss.tau, weak_weight=loss.judge_weak_weight,
         history_messages=2 * loss.judge_history_turns, seed=cfg.optim.seed))
 
 
@@ -258,4 +286,5 @@ def build(cfg: TrainConfig, algorithm: Algorithm, loss: LossConfig, plan: ModelP
     if dist_info.world > 1 and dist_info.strategy == "ddp":  # LoRA init, any nondeterminism in loading
         for p in student.model.parameters():
             dist.broadcast(p.data, 0)
-    return Built(student, teacher, build_judge(cfg, algorithm, loss, teacher, plan.tokenizer), optimizer, scheduler)
+    judge = build_judge(cfg, algorithm, loss, teacher, plan.teacher_tokenizer or plan.tokenizer)
+    return Built(student, teacher, judge, optimizer, scheduler)

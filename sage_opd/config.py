@@ -49,8 +49,9 @@ class StudentConfig:
 
 @dataclass
 class TeacherConfig:
-    """The frozen teacher, in process (``path``) or behind a vLLM server (``server_url``); it must share the
-    student's tokenizer. ``null`` path and no server: no teacher (sft on expert trajectories)."""
+    """The frozen teacher, in process (``path``) or behind a vLLM server (``server_url``); it shares the student's
+    tokenizer, or (in process, with ``loss.cross_tokenizer``) has its own. ``null`` path and no server: no teacher
+    (sft on expert trajectories)."""
 
     path: str | None = "Qwen/Qwen3-8B"
     server_url: str | None = None  # an OpenAI-compatible vLLM server (e.g. http://host:8000/v1) scoring top-k
@@ -66,12 +67,19 @@ class LossConfig:
     token_loss: Literal["reverse_kl", "sampled", "forward_kl", "jsd"] = "reverse_kl"
     jsd_beta: float = 0.5
     intervention: Literal["judge", "all", "random", "inverted"] = "judge"
-    judge_mode: Literal["hard", "soft"] = "hard"
+    # hard: i = 1[p_yes >= tau]; soft: i = p_yes; graded: Skip/Weak/Strong, i = judge_weak_weight * p_weak + p_strong;
+    # graded_hard: i = (0, judge_weak_weight, 1) of the most probable answer
+    judge_mode: Literal["hard", "soft", "graded", "graded_hard"] = "hard"
     tau: float = 0.5
+    judge_weak_weight: float = 0.5
     judge_history_turns: int = 4
     confidence: Literal["entropy", "maxprob", "none"] = "entropy"
     normalization: Literal["preserve", "none", "standard"] = "preserve"
     chunk_tokens: int = 1024  # tokens per chunk of the full-vocabulary loss
+    # a teacher whose tokenizer differs from the student's: token losses on aligned text spans, each option an
+    # approximation (docs/sage-opd-losses.md); null refuses such a teacher. One tokenizer: always the exact loss.
+    cross_tokenizer: Literal["sequence", "shared_vocab", "uld"] | None = None
+    uld_top_k: int = 20  # uld: the largest probabilities outside the shared vocabulary, matched by sorting
 
 
 @dataclass
@@ -321,6 +329,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"guided.rho must be in (0, 1], got {cfg.guided.rho}")
     if not 0.0 <= cfg.loss.tau <= 1.0:
         raise ConfigError(f"loss.tau must be in [0, 1], got {cfg.loss.tau}")
+    if not 0.0 <= cfg.loss.judge_weak_weight <= 1.0:
+        raise ConfigError(f"loss.judge_weak_weight must be in [0, 1], got {cfg.loss.judge_weak_weight}")
+    if cfg.loss.uld_top_k < 1:
+        raise ConfigError(f"loss.uld_top_k must be >= 1, got {cfg.loss.uld_top_k}")
     algorithm = algorithm_for(cfg.algorithm, cfg.sft.source)
     if algorithm.needs_teacher and not (cfg.teacher.path or cfg.teacher.server_url):
         raise ConfigError(f"algorithm {cfg.algorithm!r} needs teacher.path (or teacher.server_url)")

@@ -11,6 +11,7 @@ Chunked objective (what the trainer calls; never builds a [tokens x vocab] tenso
                                                   confidence_mean, intervention_mean, weighted_sum)
     DenseTeacher(hidden [..., Ht], weight [V, Ht])       # in-process teacher: full vocabulary
     SparseTeacher(ids [..., k], logprobs [..., k], token_logprobs [...])  # remote teacher: top-k only
+    # a teacher is anything with num_tokens(), select(mask) and chunk_loss(...) -> (loss, dl/dz, confidence)
 
 ``student_hidden`` are the final hidden states (after the last norm) at the positions that
 predict each token, ``student_weight`` the lm_head weight; ``mask`` selects the positions
@@ -205,6 +206,14 @@ class DenseTeacher:
                for s in range(0, target_ids.shape[0], chunk_size)]
         return torch.cat(out) if out else target_ids.new_zeros(0, dtype=torch.float32)
 
+    def chunk_loss(self, s: int, e: int, z: torch.Tensor, kind: str, conf_kind: str, target: torch.Tensor | None,
+                   beta: float, log_vocab: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss [C], dl/dz [C, V] and confidence [C] of rows s:e, from the student logits z [C, V]."""
+        logq = self.chunk_logprobs(s, e)
+        logq_target = logq.gather(1, target[:, None]).squeeze(1) if kind == "sampled" else None
+        return (*_loss_and_grad(F.log_softmax(z, -1), logq, kind, target, logq_target, beta),
+                _confidence(logq, conf_kind, log_vocab))
+
 
 @dataclass
 class SparseTeacher:
@@ -225,6 +234,19 @@ class SparseTeacher:
 
     def num_tokens(self) -> int:
         return self.ids.reshape(-1, self.ids.shape[-1]).shape[0]
+
+    def chunk_loss(self, s: int, e: int, z: torch.Tensor, kind: str, conf_kind: str, target: torch.Tensor | None,
+                   beta: float, log_vocab: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss [C], dl/dz [C, V] and confidence [C] of rows s:e on the top-k support (see the class docstring)."""
+        logprobs = self.logprobs[s:e].to(z.dtype)
+        logq_s = F.log_softmax(logprobs, -1)  # renormalised over S
+        conf = logprobs.max(-1).values.exp() if conf_kind == "maxprob" else _confidence(logq_s, conf_kind, log_vocab)
+        if kind == "sampled":
+            return (*_loss_and_grad(F.log_softmax(z, -1), None, kind, target, self.token_logprobs[s:e].to(z.dtype),
+                                    beta), conf)
+        ids = self.ids[s:e]
+        loss, grad_s = _loss_and_grad(F.log_softmax(z.gather(1, ids), -1), logq_s, kind, None, None, beta)
+        return loss, torch.zeros_like(z).scatter_(1, ids, grad_s), conf
 
 
 @dataclass
@@ -259,28 +281,12 @@ class _ChunkedOpd(torch.autograd.Function):
         confs = torch.zeros(n, dtype=acc, device=hidden.device)
         weighted = hidden.new_zeros((), dtype=acc)
         log_vocab = math.log(v)
-        sparse = isinstance(teacher, SparseTeacher)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             h = hidden[s:e]
             z = _upcast(h @ weight.T)
             target = target_ids[s:e] if target_ids is not None else None
-            if sparse:
-                logq_s = F.log_softmax(teacher.logprobs[s:e].to(acc), -1)  # renormalised over S
-                conf = _confidence(logq_s, conf_kind, log_vocab) if conf_kind != "maxprob" else \
-                    teacher.logprobs[s:e].to(acc).max(-1).values.exp()
-                if kind == "sampled":
-                    loss, grad = _loss_and_grad(F.log_softmax(z, -1), None, kind, target,
-                                                teacher.token_logprobs[s:e].to(acc), beta)
-                else:
-                    ids = teacher.ids[s:e]
-                    loss, grad_s = _loss_and_grad(F.log_softmax(z.gather(1, ids), -1), logq_s, kind, None, None, beta)
-                    grad = torch.zeros_like(z).scatter_(1, ids, grad_s)
-            else:
-                logq = teacher.chunk_logprobs(s, e)
-                conf = _confidence(logq, conf_kind, log_vocab)
-                logq_target = logq.gather(1, target[:, None]).squeeze(1) if kind == "sampled" else None
-                loss, grad = _loss_and_grad(F.log_softmax(z, -1), logq, kind, target, logq_target, beta)
+            loss, grad, conf = teacher.chunk_loss(s, e, z, kind, conf_kind, target, beta, log_vocab)
             del z
             w = intervention[s:e].to(acc) * conf
             losses[s:e], confs[s:e] = loss, conf

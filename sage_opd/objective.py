@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sage_opd.losses import DenseTeacher, SparseTeacher, opd_loss, token_losses
+from sage_opd.xtok_losses import AlignedTeacher, shared_vocab_kl, xtok_loss
 
 
 @dataclass
@@ -56,17 +57,20 @@ def turn_of_positions(turn_index: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def micro_batch_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
-                     teacher: DenseTeacher | SparseTeacher | None, turn_index: torch.Tensor,
+                     teacher: DenseTeacher | SparseTeacher | AlignedTeacher | None, turn_index: torch.Tensor,
                      target_ids: torch.Tensor, intervention: torch.Tensor, is_imitated: torch.Tensor, *,
                      token_loss: str = "reverse_kl", confidence: str = "entropy", jsd_beta: float = 0.5,
-                     chunk_tokens: int = 1024) -> MicroResult:
+                     chunk_tokens: int = 1024, cross_tokenizer: str | None = None, uld_top_k: int = 20,
+                     student_span: torch.Tensor | None = None) -> MicroResult:
     """sum(w * l) over a micro-batch: OPD token loss on distilled turns, cross-entropy on imitated turns.
 
     Student hidden states [B, T, H] and the teacher's scores (in-process ``DenseTeacher`` or a
     server's top-k ``SparseTeacher``) are aligned with ``turn_index``/``target_ids`` [B, T]
     (see ``sage_opd.teacher.make_batch``; a bool response mask means one turn per row);
     ``intervention`` [n_turns] holds i_t per turn (1 for standard OPD), ``is_imitated`` [n_turns] bool;
-    the keyword options are ``loss.*`` of the config (SPEC section 4).
+    the keyword options are ``loss.*`` of the config (SPEC section 4). Across tokenizers the teacher is an
+    ``AlignedTeacher`` at its own tokens, ``student_span`` [N] gives the span of each response token
+    (``sage_opd.xtok.span_ids``) and the loss is ``cross_tokenizer``'s (``sage_opd.xtok_losses.xtok_loss``).
     """
     response_mask, row = turn_of_positions(turn_index)
     targets = target_ids[response_mask]
@@ -84,9 +88,16 @@ def micro_batch_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     if keep.any():
         if teacher is None:
             raise ValueError("OPD turns need the teacher's scores")
-        res = opd_loss(hidden[keep], student_weight, teacher.select(response_mask).select(keep),
-                       target_ids=targets[keep], intervention=i_tok[keep], token_loss=token_loss,
-                       confidence=confidence, beta=jsd_beta, chunk_size=chunk_tokens)
+        if isinstance(teacher, AlignedTeacher):
+            span = student_span[keep]
+            res = xtok_loss(hidden[keep], student_weight, targets[keep], span,
+                            teacher.select(torch.isin(teacher.span, span)), mode=cross_tokenizer,
+                            intervention=i_tok[keep], token_loss=token_loss, confidence=confidence, beta=jsd_beta,
+                            top_k=uld_top_k, chunk_size=chunk_tokens)
+        else:
+            res = opd_loss(hidden[keep], student_weight, teacher.select(response_mask).select(keep),
+                           target_ids=targets[keep], intervention=i_tok[keep], token_loss=token_loss,
+                           confidence=confidence, beta=jsd_beta, chunk_size=chunk_tokens)
         n = res.num_tokens
         result.weighted_loss = result.weighted_loss + res.weighted_sum
         result.weight_sum += res.weight_sum
@@ -106,3 +117,17 @@ def reverse_kl_sum(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     s, t = student_hidden[response_mask][keep], teacher_hidden[response_mask][keep]
     return float(sum(token_losses(s[i:i + chunk] @ student_weight.T, t[i:i + chunk] @ teacher_weight.T).sum()
                      for i in range(0, s.shape[0], chunk)))
+
+
+@torch.no_grad()
+def shared_kl_sum(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher: AlignedTeacher,
+                  student_span: torch.Tensor, turn_index: torch.Tensor, is_imitated: torch.Tensor,
+                  intervention: torch.Tensor, chunk: int) -> float:
+    """Across tokenizers, the token reverse KL logged for the distilled, supervised tokens: the mean KL on the shared
+    vocabulary over those in one-to-one spans (``shared_vocab_kl``), times their number."""
+    response_mask, row = turn_of_positions(turn_index)
+    keep = ~is_imitated[row] & (intervention.to(row.device)[row] > 0)
+    span = student_span[keep]
+    total, count = shared_vocab_kl(student_hidden[response_mask][keep], student_weight, span,
+                                   teacher.select(torch.isin(teacher.span, span)), chunk)
+    return total / count * int(keep.sum()) if count else float("nan")

@@ -51,13 +51,14 @@ class RunLog:
                 write_jsonl(path, kept)
 
     def judged(self, step: int, turns: list, result) -> None:
-        """Append each judged turn (p_yes, i, the action and the env expert's move when known) to judge_turns.jsonl
-        (rank 0's turns), for analysing the judge on real rollouts."""
+        """Append each judged turn (p_yes, i, each answer's probability, the action and the env expert's move when
+        known) to judge_turns.jsonl (rank 0's turns), for analysing the judge on real rollouts."""
         if not (self.cfg.judge_turns and self.main):
             return
         rows = [{"step": step + 1, "episode": t.episode, "turn": t.turn, "p_yes": p, "intervention": i,
-                 "action": t.action, "expert_action": t.expert_action}
-                for t, p, i in zip(turns, result.p_yes, result.interventions) if p is not None]
+                 "answers": answers, "action": t.action, "expert_action": t.expert_action}
+                for t, p, answers, i in zip(turns, result.p_yes, result.p_answers, result.interventions)
+                if p is not None]
         append_jsonl(self.judge_path, *rows)
 
     def log(self, metrics: dict[str, Any]) -> None:

@@ -1,7 +1,9 @@
 """The score phase: the ids of scripted turns (the student's chat template), and i_t for every turn:
 SAGE-OPD's judge on distilled turns (invalid turns short-circuit to i = 1 with no teacher call),
 1 everywhere else. Teacher log-probabilities are read per micro-batch by the loss phase
-(``teacher_scores``), so only one micro-batch's teacher states are alive at a time.
+(``teacher_scores``), so only one micro-batch's teacher states are alive at a time: on the student's
+own ids, or, for a teacher with another tokenizer, at the teacher's own tokens of each turn
+re-rendered with its chat template and aligned with the student's (``sage_opd.xtok``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from sage_models import chat_ids, derive_seed
 from sage_opd.algorithm import Algorithm
 from sage_opd.losses import DenseTeacher
 from sage_opd.records import TurnRecord
+from sage_opd.teacher import make_batch
+from sage_opd.xtok import span_ids
+from sage_opd.xtok_losses import AlignedTeacher
 
 
 @dataclass
@@ -69,9 +74,23 @@ class ScorePhase:
         return Scores(interventions, imitated, stats)
 
 
-def teacher_scores(teacher, batch, vocab: int):
-    """The teacher's scores of a token batch (an in-process teacher's head cut to the tokenizer's ``vocab`` rows)."""
-    scores = teacher.score(batch)
-    if isinstance(scores, DenseTeacher):
-        scores = DenseTeacher(scores.hidden, scores.weight[:vocab])
-    return scores
+def teacher_scores(teacher, batch, vocab: int, turns: list[TurnRecord] | None = None, xtok=None):
+    """The teacher's scores of a micro-batch of ``turns`` (``batch``: their student ids) and the student's span ids.
+
+    One tokenizer (``xtok`` None): the scores of the student's own ids (an in-process teacher's head cut to the
+    tokenizer's ``vocab`` rows) and None. Across tokenizers (``xtok``, a ``sage_opd.xtok.CrossTokenizer``): an
+    ``AlignedTeacher`` at the teacher's own tokens of each turn re-rendered with its chat template, and the span of
+    each student response token [N] (``sage_opd.xtok.span_ids``)."""
+    if xtok is None:
+        scores = teacher.score(batch)
+        if isinstance(scores, DenseTeacher):
+            scores = DenseTeacher(scores.hidden, scores.weight[:vocab])
+        return scores, None
+    aligned = xtok.teacher_turns(turns)
+    tok, device = xtok.teacher_tok, batch.input_ids.device
+    t_batch = make_batch([a.teacher for a in aligned], tok.pad_token_id if tok.pad_token_id is not None
+                         else tok.eos_token_id, device)
+    scores, mask = teacher.score(t_batch), t_batch.response_mask
+    student_span, teacher_span = span_ids(aligned)
+    return (AlignedTeacher(scores.hidden[mask], scores.weight[:len(tok)], t_batch.target_ids[mask],
+                           teacher_span.to(device), xtok.shared), student_span.to(device))

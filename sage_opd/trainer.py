@@ -1,18 +1,21 @@
 """The SAGE-OPD trainer: every step is rollout -> score -> loss -> optimiser step, then log, evaluate and
 checkpoint. Each phase is a module that can be built and tested alone:
 
-    build       sage_opd.build          student (LoRA, FSDP copy), teacher, judge, optimiser from the config
+    build       sage_opd.build          teacher path (same tokenizer or across tokenizers), student (LoRA, FSDP
+                                        copy), teacher, judge, optimiser from the config
     rollout     sage_opd.rollout_phase  the step's episodes, written as the algorithm says; vLLM engine sync
     score       sage_opd.score_phase    ids of scripted turns, i_t per turn (the judge)
-    loss        sage_opd.loss_phase     backpropagate sum(w l) in micro-batches (teacher scores per micro-batch)
+    loss        sage_opd.loss_phase     backpropagate sum(w l) in micro-batches (teacher scores per micro-batch,
+                                        aligned with the student's across tokenizers)
     optimiser   sage_opd.optim_phase    divide by D (sum(w) or N), clip, step
     checkpoint  sage_opd.checkpoint     log  sage_opd.run_log     evaluate  sage_opd.evaluation
 
-What each algorithm does (who writes turns, which are imitated, which loss options) is data in
-``sage_opd.algorithm``. Data parallel: under ``torchrun`` every rank collects its share of the step's
-episodes; gradients of sum(w * l) are summed over micro-batches and ranks, then divided by the
-batch-wide denominator, so the update does not depend on how the batch was split. Everything random
-is seeded from (seed, step): a resumed run repeats an uninterrupted one.
+What each algorithm does (who writes turns, which are imitated, which loss options, whether the
+teacher may have its own tokenizer) is data in ``sage_opd.algorithm``. Data parallel: under
+``torchrun`` every rank collects its share of the step's episodes; gradients of sum(w * l) are
+summed over micro-batches and ranks, then divided by the batch-wide denominator, so the update does
+not depend on how the batch was split. Everything random is seeded from (seed, step): a resumed run
+repeats an uninterrupted one.
 
 >>> from sage_opd.config import load_config
 >>> Trainer(load_config("configs/tiny_sage_opd_alfworld.yaml")).train()
@@ -47,8 +50,9 @@ from sage_opd.records import RolloutBatch, TurnRecord
 from sage_opd.rollout import check_train_split
 from sage_opd.rollout_phase import RolloutPhase
 from sage_opd.run_log import PhaseTimer, RunLog
-from sage_opd.score_phase import Scores, ScorePhase
+from sage_opd.score_phase import Scores, ScorePhase, teacher_scores
 from sage_opd.teacher import make_batch
+from sage_opd.xtok_losses import AlignedTeacher, shared_vocab_kl
 
 
 def set_seed(seed: int) -> None:
@@ -73,7 +77,8 @@ class Trainer:
         if cfg.rollout.env_id and not cfg.rollout.from_file:
             check_train_split(cfg.rollout.env_id)
         set_seed(cfg.optim.seed)
-        plan = check_models(cfg, self.algorithm, self.dist, dtype)  # tokenizers matched, memory checked
+        plan = check_models(cfg, self.algorithm, self.dist, dtype)  # teacher path decided, memory checked
+        self.xtok = plan.xtok  # None: teacher and student share a tokenizer
 
         self._lock = FolderLock(self.out_dir, "sage train").acquire() if self.dist.main else None
         self.resumed_from = self.checkpoints.latest() if resume else None  # None: from the start
@@ -82,10 +87,12 @@ class Trainer:
         built = build(cfg, self.algorithm, self.loss, plan, self.dist, dtype, self.resumed_from)
         self.student, self.teacher, self.judge = built.student, built.teacher, built.judge
         self.optimizer, self.scheduler = built.optimizer, built.scheduler
+        if plan.route and self.dist.main:
+            print(plan.route)
         self.rollouts = RolloutPhase(cfg, self.algorithm, self.student, self.teacher, self.dist, self.out_dir)
         self.scorer = ScorePhase(self.algorithm, self.judge, self.student.tokenizer, cfg.optim.seed, self.dist.rank,
                                  on_judged=self.run_log.judged)
-        self.losses = LossPhase(self.student, self.teacher, self.loss, cfg.optim.grad_accum)
+        self.losses = LossPhase(self.student, self.teacher, self.loss, cfg.optim.grad_accum, self.xtok)
         if self.resumed_from is not None:
             self.step = self.checkpoints.load(self.resumed_from, cfg, self.student, self.optimizer, self.scheduler,
                                               self.judge)
@@ -155,20 +162,25 @@ class Trainer:
     # ---- analysis ------------------------------------------------------------------------------------
     @torch.no_grad()
     def token_kl(self, turns: list[TurnRecord], batch_size: int = 8) -> float:
-        """Mean reverse KL(student || teacher) per response token over ``turns`` (e.g. held-out turns)."""
+        """Mean reverse KL(student || teacher) per response token over ``turns`` (e.g. held-out turns); across
+        tokenizers, on the shared vocabulary over the tokens of one-to-one spans."""
         total, count, student, device = 0.0, 0, self.student, self.dist.device
         turns = [t for t in turns if t.token_ids]
         for lo in range(0, len(turns), batch_size):
-            batch = make_batch(turns[lo:lo + batch_size], student.pad_id, device)
-            teacher = self.teacher.score(batch)
-            if not isinstance(teacher, DenseTeacher):
+            part = turns[lo:lo + batch_size]
+            batch = make_batch(part, student.pad_id, device)
+            teacher, span = teacher_scores(self.teacher, batch, student.vocab, part, self.xtok)
+            if not isinstance(teacher, (DenseTeacher, AlignedTeacher)):
                 raise SageError("token_kl needs an in-process teacher (full vocabulary)")
             s_hidden, s_weight = student.hidden(batch)
-            n = len(turns[lo:lo + batch_size])
-            total += reverse_kl_sum(s_hidden, s_weight[:student.vocab], teacher.hidden,
-                                    teacher.weight[:student.vocab], batch.turn_index,
-                                    torch.zeros(n, dtype=torch.bool, device=device), torch.ones(n, device=device),
-                                    self.loss.chunk_tokens)
+            if isinstance(teacher, AlignedTeacher):
+                kl, n = shared_vocab_kl(s_hidden[batch.response_mask], s_weight[:student.vocab], span, teacher,
+                                        self.loss.chunk_tokens)
+                total, count = total + kl, count + n
+                continue
+            total += reverse_kl_sum(s_hidden, s_weight[:student.vocab], teacher.hidden, teacher.weight,
+                                    batch.turn_index, torch.zeros(len(part), dtype=torch.bool, device=device),
+                                    torch.ones(len(part), device=device), self.loss.chunk_tokens)
             count += batch.num_response_tokens
         return total / max(count, 1)
 

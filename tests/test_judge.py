@@ -167,3 +167,114 @@ def test_answer_spellings_with_the_real_smollm2_tokenizer():
     assert got == pytest.approx((yes / (yes + no)).item(), abs=1e-5)
     one_token = (q[10539] / (q[10539] + q[judge.no_ids[0]])).item()
     assert abs(got - one_token) > 1e-3  # the other spellings carry probability the old judge ignored
+
+
+# ---- the graded judge (Skip / Weak / Strong) ----------------------------------------------------------------------
+FEEDBACK_GRADE = {"Nothing happens.": "strong", "You see a drawer 3 and a desk 1.": "weak"}  # else: skip
+
+
+def graded_turns(n: int, start: int = 0) -> list[JudgeTurn]:
+    """Turns whose feedback says which answer a graded teacher trained on them should give."""
+    feedbacks = [*FEEDBACK_GRADE, "You open the drawer 2. It is empty."]
+    history = [{"role": "user", "content": "you see a desk"}]
+    return [JudgeTurn(f"put a {WORDS[k % 15]} in the {WORDS[(7 * k) % 15]}", history,
+                      f"<action>open {WORDS[(k * 5) % 15]} {k % 9 + 1}</action>", feedbacks[k % 3])
+            for k in range(start, start + n)]
+
+
+@pytest.fixture(scope="module")
+def graded_teacher(tiny_models, tok):
+    """The tiny teacher fine-tuned here to answer the graded judgment prompt: strong after 'Nothing happens.', weak
+    after a look-around, skip after a successful action (assistant answers in lower case, as the study's teacher)."""
+    import copy
+
+    from sage_models import chat_ids
+    from sage_opd.judge import GRADED_TEMPLATE, judgment_messages
+
+    teacher = HFTeacher(tiny_models["teacher"], batch_size=8)
+    model = copy.deepcopy(teacher.model).train().requires_grad_(True)
+    rows = []
+    for turn in graded_turns(12):
+        messages = judgment_messages(turn, 6, GRADED_TEMPLATE)
+        prompt = chat_ids(tok, messages)
+        answer = FEEDBACK_GRADE.get(turn.feedback, "skip")
+        full = chat_ids(tok, messages + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
+        assert full[:len(prompt)] == prompt
+        rows.append((full, len(prompt)))
+    width = max(len(r) for r, _ in rows)
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r, _ in rows])
+    labels = torch.full_like(ids, -100)
+    for b, (r, n) in enumerate(rows):
+        labels[b, n:len(r)] = ids[b, n:len(r)]
+    attention = (torch.arange(width)[None] < torch.tensor([len(r) for r, _ in rows])[:, None]).long()
+    torch.manual_seed(0)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    assert loss.item() < 0.05, f"the graded teacher did not learn its answers (loss {loss.item():.3f})"
+    return HFTeacher(model.eval(), tokenizer=tok)
+
+
+def test_graded_answer_probabilities_match_a_hand_computation(teacher, tok):
+    judge = TurnJudge(teacher, tok, JudgeConfig(decision="graded"))
+    assert judge.answers == ("Skip", "Weak", "Strong")
+    spellings = {a: (a, a.lower(), " " + a, " " + a.lower()) for a in judge.answers}
+    ids = judge.answer_ids
+    for answer, words in spellings.items():
+        assert ids[answer] and all(any(w.startswith(tok.decode([i])) for w in words) for i in ids[answer])
+        assert not set(ids[answer]) & {i for a in judge.answers if a != answer for i in ids[a]}  # no shared id
+    turns = make_turns(5)
+    got = judge.answer_probs(turns)
+    for k, turn in enumerate(turns):
+        text = judge.render_text(turn)
+        assert text.endswith("<|im_start|>assistant\n") and "Answer Skip (not at all), Weak" in text
+        with torch.no_grad():
+            q = teacher.model(torch.tensor([tok(text)["input_ids"]])).logits[0, -1].softmax(-1)
+        mass = torch.stack([q[ids[a]].sum() for a in judge.answers])
+        assert got[k].tolist() == pytest.approx((mass / mass.sum()).tolist(), abs=1e-5)
+    result = judge(turns)
+    assert result.interventions == pytest.approx((got @ torch.tensor([0.0, 0.5, 1.0])).tolist(), abs=1e-6)
+    assert result.p_yes == pytest.approx((1 - got[:, 0]).tolist(), abs=1e-6)  # any correction = 1 - p_skip
+    assert [len(p) for p in result.p_answers] == [3] * 5
+
+
+def test_graded_judge_reads_a_teacher_trained_to_grade(graded_teacher, tok):
+    turns = graded_turns(9, start=12)  # strong, weak, skip, ... (other tasks and actions than the training turns)
+    want = [FEEDBACK_GRADE.get(t.feedback, "skip") for t in turns]
+    judge = TurnJudge(graded_teacher, tok, JudgeConfig(decision="graded", weak_weight=0.3))
+    probs = judge.answer_probs(turns)
+    for p, grade in zip(probs.tolist(), want):
+        assert p[("skip", "weak", "strong").index(grade)] > 0.9
+    soft = judge(turns).interventions
+    for i, grade in zip(soft, want):
+        assert i == pytest.approx({"strong": 1.0, "weak": 0.3, "skip": 0.0}[grade], abs=0.08)
+    hard = TurnJudge(graded_teacher, tok, JudgeConfig(decision="graded_hard", weak_weight=0.3))(turns).interventions
+    assert hard == [{"strong": 1.0, "weak": 0.3, "skip": 0.0}[g] for g in want]
+    inverted = TurnJudge(graded_teacher, tok, JudgeConfig(mode="inverted", decision="graded_hard", weak_weight=0.3))
+    assert inverted(turns).interventions == pytest.approx([1.0 - i for i in hard])
+    # the Yes/No judge on the same teacher and turns knows nothing of the grades: the graded prompt is what it learnt
+    yes_no = TurnJudge(graded_teacher, tok, JudgeConfig(decision="soft"))(turns).interventions
+    assert max(abs(a - b) for a, b in zip(yes_no, soft)) > 0.3
+
+
+def test_graded_judge_keeps_short_circuits_and_the_random_ablation(graded_teacher, tok):
+    turns = graded_turns(6, start=12)
+    turns[1].invalid_reason, turns[3].invalid_reason = "unparseable", "empty"
+    judge = TurnJudge(graded_teacher, tok, JudgeConfig(mode="random", decision="graded_hard", seed=5))
+    out = judge(turns)
+    assert out.interventions[1] == out.interventions[3] == 1.0 and out.p_answers[1] is None
+    assert out.stats.judge_calls == 4 and out.stats.short_circuit == {"unparseable": 1, "empty": 1}
+    # judged: strong (turn 0), skip (2), weak (4: 0.5), skip (5) -> running rate 1.5 / 4
+    assert out.stats.judge_rate == pytest.approx(1.5 / 4)
+    draws = [i for _ in range(40) for i in judge([turns[k] for k in (0, 2, 4, 5)]).interventions]
+    assert set(draws) <= {0.0, 1.0} and 0.2 < sum(draws) / len(draws) < 0.55  # Bernoulli(0.375), not the grades
+
+
+def test_graded_config_is_validated():
+    with pytest.raises(ValueError, match="accepted: hard, soft, graded, graded_hard"):
+        JudgeConfig(decision="graded_soft")
+    with pytest.raises(ValueError, match="weak_weight"):
+        JudgeConfig(decision="graded", weak_weight=1.5)

@@ -40,13 +40,13 @@ def built(tiny_models, tmp_path, *extra: str):
 
 # ---- the dependency direction and the algorithm table ---------------------------------------------------
 def test_the_loss_layer_loads_no_env_rollout_or_config():
-    code = ("import sys, sage_opd.objective, sage_opd.losses, sage_opd.algorithm, sage_opd.records; "
-            "print('\\n'.join(sys.modules))")
+    code = ("import sys, sage_opd.objective, sage_opd.losses, sage_opd.xtok_losses, sage_opd.algorithm, "
+            "sage_opd.records; print('\\n'.join(sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert "sage_opd.objective" in loaded
     assert not [m for m in loaded if m.split(".")[0] in ("sage_gym", "sage_rollout", "sage_models", "sage_evals",
                                                          "alfworld", "textworld", "scienceworld")
-                or m in ("sage_opd.rollout", "sage_opd.config", "sage_opd.teacher")]
+                or m in ("sage_opd.rollout", "sage_opd.config", "sage_opd.teacher", "sage_opd.xtok")]
 
 
 def test_algorithms_say_who_writes_what_is_imitated_and_which_loss(tiny_models, tmp_path):
@@ -64,6 +64,9 @@ def test_algorithms_say_who_writes_what_is_imitated_and_which_loss(tiny_models, 
     expert, teacher = algorithm_for("sft", "expert"), algorithm_for("sft", "teacher")
     assert not expert.needs_teacher and teacher.needs_teacher and teacher.teacher_writes
     assert all(ALGORITHMS[a].needs_teacher for a in ("opd", "sage_opd", "guided_opd"))
+    # a teacher with its own tokenizer (loss.cross_tokenizer) only where it never writes a turn
+    assert [ALGORITHMS[a].any_teacher_tokenizer for a in ("opd", "sage_opd", "guided_opd")] == [True, True, False]
+    assert not teacher.any_teacher_tokenizer
     guided = ALGORITHMS["guided_opd"]
     assert guided.teacher_prob(0, 10, 0.5) == 1.0 and guided.teacher_prob(5, 10, 0.5) == 0.0
     assert guided.teacher_prob(3, 10, 0.8) == guided_beta(3, 10, 0.8) and 0 < guided_beta(3, 10, 0.8) < 1
