@@ -89,14 +89,12 @@ def _train(out: Path, *overrides: str, sage: str = SAGE) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _greedy(model, tok, chats=SYNC_PROBE) -> list[list[int]]:
-    """Greedy ids of transformers on ``model`` (a folder or a model), as rollout.check_sync compares them."""
+def _greedy(folder: Path, tok) -> list[list[int]]:
+    """Greedy ids of transformers on the weights in ``folder`` for rollout.check_sync's probe chats."""
     from transformers import AutoModelForCausalLM
 
-    if isinstance(model, (str, Path)):
-        model = AutoModelForCausalLM.from_pretrained(model)
-    return [g.token_ids for g in HFPolicy(model=model, tokenizer=tok, kv_reuse=False).generate(
-        chats, Decoding(temperature=0.0, max_new_tokens=24), [])]
+    policy = HFPolicy(model=AutoModelForCausalLM.from_pretrained(folder), tokenizer=tok, kv_reuse=False)
+    return [g.token_ids for g in policy.generate(SYNC_PROBE, Decoding(temperature=0.0, max_new_tokens=24), [])]
 
 
 def _chats() -> list[list[dict]]:
