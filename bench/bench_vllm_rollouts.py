@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -108,7 +109,7 @@ def main() -> None:
     params = sum(q.numel() for q in net.parameters())
     print(f"random Llama {params / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers), batch {args.batch} "
           f"ALFWorld prompts, {args.new_tokens} new tokens, 2 threads; training: {args.episodes} episodes x "
-          f"{args.turns} turns, median of {args.steps} steps after a warm-up; folder {tmp}")
+          f"{args.turns} turns, median of {args.steps} steps after a warm-up; work folder {tmp}")
 
     gen, steps = {}, {}
     gen["hf"] = throughput(HFPolicy(model=net, tokenizer=tok), chats, args.new_tokens, args.repeats)
@@ -148,6 +149,7 @@ def main() -> None:
     print(f"\ns/step vs hf: server {steps['server']['step'] / steps['hf']['step']:.2f}x, vllm in process "
           f"{steps['vllm']['step'] / steps['hf']['step']:.2f}x; one sync: folder {steps['server']['sync']:.3f} s, "
           f"LoRA {steps['server, LoRA']['sync']:.3f} s, state dict in process {steps['vllm']['sync']:.3f} s")
+    shutil.rmtree(tmp)  # models, runs and logs of a run that went through (a failed one keeps them)
 
 
 if __name__ == "__main__":
