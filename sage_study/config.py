@@ -57,6 +57,7 @@ class ModelConfig:
     sft: SftConfig = field(default_factory=SftConfig)
     swaps: int = 3  # object-renamed copies of each imitation episode (data.swap_object): they teach copying the task
     judge_share: float = 0.5  # teacher only: judgment examples per imitation example (before balancing)
+    graded_judge: bool = False  # teacher only: also Skip/Weak/Strong answers on the same turns (loss.judge_mode=graded)
 
 
 @dataclass
@@ -137,7 +138,17 @@ def load_study_config(path: str | Path, profile: str | None = None, overrides: l
         raise ConfigError(f"method names must be distinct, got {names}")
     if cfg.methods and cfg.baseline not in names:
         raise ConfigError(f"baseline {cfg.baseline!r} is not one of the methods: {', '.join(names)}")
+    graded = [m.name for m in cfg.methods if _judge_mode(cfg.train, m).startswith("graded")]
+    if graded and cfg.teacher.path is None and not cfg.teacher.graded_judge:
+        raise ConfigError(f"methods {', '.join(graded)} use a graded judge, but the study's teacher is not trained to "
+                          "answer Skip/Weak/Strong: set teacher.graded_judge: true")
     if cfg.teacher.path and not cfg.student.path:
         raise ConfigError("teacher.path is set (a given teacher) but student.path is not: the study builds its "
                           "student from the data it makes for its own teacher; give both models or neither")
     return cfg
+
+
+def _judge_mode(train: dict[str, Any], method: MethodConfig) -> str:
+    """The method's loss.judge_mode: its own override, else the shared train config's, else the default."""
+    modes = [str(v) for k, v in parse_overrides(method.overrides) if k == "loss.judge_mode"]
+    return modes[-1] if modes else str((train.get("loss") or {}).get("judge_mode", "hard"))

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sage_opd.judge import JudgeTurn, judgment_messages
+from sage_opd.judge import GRADED_TEMPLATE, JUDGE_TEMPLATE, JudgeTurn, judgment_messages
 from sage_study.sft import ChatExample
 
 NOTHING_HAPPENS = "Nothing happens."
@@ -100,9 +100,17 @@ def needs_correction(step: dict) -> bool:
     return step["action"] != step["expert"]["action"] or step["observation"].strip().startswith(NOTHING_HAPPENS)
 
 
-def judge_turns(records: Iterable[dict]) -> list[tuple[JudgeTurn, bool]]:
-    """Every valid, expert-labelled turn as the judge sees it, with its label (True: should be corrected).
-    Invalid turns are short-circuited by the judge and never reach it."""
+def grade(step: dict) -> str:
+    """The graded judge's label for a valid turn: Strong when the game answered that nothing happened, Weak when
+    the move did something but was not the expert's, Skip for the expert's own move (Skip iff not needs_correction)."""
+    if step["observation"].strip().startswith(NOTHING_HAPPENS):
+        return "Strong"
+    return "Weak" if step["action"] != step["expert"]["action"] else "Skip"
+
+
+def judge_turns(records: Iterable[dict], graded: bool = False) -> list[tuple[JudgeTurn, Any]]:
+    """Every valid, expert-labelled turn as the judge sees it, with its label (True: should be corrected; graded:
+    ``grade``). Invalid turns are short-circuited by the judge and never reach it."""
     out = []
     for record in records:
         if record.get("error"):
@@ -110,20 +118,24 @@ def judge_turns(records: Iterable[dict]) -> list[tuple[JudgeTurn, bool]]:
         for _, step, history in _turns(record):
             if step["action_valid"] and step.get("expert"):
                 turn = JudgeTurn(record.get("task", ""), history, step["response"], step["observation"])
-                out.append((turn, needs_correction(step)))
+                out.append((turn, grade(step) if graded else needs_correction(step)))
     return out
 
 
-def judge_examples(labelled: Iterable[tuple[JudgeTurn, bool]], history_messages: int) -> list[ChatExample]:
-    """Judgment prompts answered Yes/No, in the exact chat the trainer's judge renders."""
-    return [ChatExample(judgment_messages(turn, history_messages) + [{"role": "assistant", "content": JUDGE_ANSWERS[y]}])
+def judge_examples(labelled: Iterable[tuple[JudgeTurn, Any]], history_messages: int,
+                   graded: bool = False) -> list[ChatExample]:
+    """Judgment prompts answered Yes/No (graded: Skip/Weak/Strong), in the exact chat the trainer's judge renders."""
+    template = GRADED_TEMPLATE if graded else JUDGE_TEMPLATE
+    return [ChatExample(judgment_messages(turn, history_messages, template)
+                        + [{"role": "assistant", "content": y if graded else JUDGE_ANSWERS[y]}])
             for turn, y in labelled]
 
 
-def balance(labelled: list[tuple[JudgeTurn, bool]], seed: int) -> list[tuple[JudgeTurn, bool]]:
-    """Downsample the majority label so that Yes and No are equally frequent (seeded)."""
-    yes = [x for x in labelled if x[1]]
-    no = [x for x in labelled if not x[1]]
+def balance(labelled: list[tuple[JudgeTurn, Any]], seed: int) -> list[tuple[JudgeTurn, Any]]:
+    """Downsample the majority side so that turns to correct (Yes; graded: Weak or Strong) and turns to leave
+    alone (No; graded: Skip) are equally frequent (seeded)."""
+    yes = [x for x in labelled if x[1] not in (False, "Skip")]
+    no = [x for x in labelled if x[1] in (False, "Skip")]
     rng = random.Random(seed)
     n = min(len(yes), len(no))
     return rng.sample(yes, n) + rng.sample(no, n)

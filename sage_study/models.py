@@ -20,22 +20,24 @@ class Arch:
     max_position_embeddings: int = 4096
 
 
-def prompt_texts() -> list[str]:
-    """The project's own fixed texts that models read: invalid-turn feedback and the judgment prompt."""
-    from sage_opd.judge import JUDGE_SYSTEM, JUDGE_TEMPLATE
+def prompt_texts(graded: bool = False) -> list[str]:
+    """The project's own fixed texts that models read: invalid-turn feedback and the judgment prompt (graded: the
+    Skip/Weak/Strong prompt too)."""
+    from sage_opd.judge import GRADED_TEMPLATE, GRADES, JUDGE_SYSTEM, JUDGE_TEMPLATE
 
     formatter = ReActFormatter()
-    return [formatter.invalid_feedback(r) for r in INVALID_REASONS] + [JUDGE_SYSTEM, JUDGE_TEMPLATE, "Yes", "No"]
+    texts = [formatter.invalid_feedback(r) for r in INVALID_REASONS] + [JUDGE_SYSTEM, JUDGE_TEMPLATE, "Yes", "No"]
+    return texts + ([GRADED_TEMPLATE, *GRADES] if graded else [])
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int):
+def train_tokenizer(texts: Iterable[str], vocab_size: int, graded: bool = False):
     """A byte-level BPE tokenizer with the ChatML template, trained on ``texts`` plus the prompt texts.
     ``</action>`` stays ordinary text (it is the stop string, not a special token)."""
     from sage_models.tiny import build_tokenizer
 
     def corpus():
         yield from texts
-        yield from prompt_texts()
+        yield from prompt_texts(graded)
 
     return build_tokenizer(vocab_size, corpus())
 

@@ -313,6 +313,11 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines.append(f"Held-out turns ({h.get('turns', 0)}, from games never trained on): accuracy "
                      f"{_fmt(h.get('accuracy'))}%, AUROC {_fmt(h.get('auroc'), pct=False, digits=3)}, "
                      f"expert says correct {_fmt(h.get('yes_rate'))}% of turns, judge {_fmt(h.get('judged_yes_rate'))}%.")
+        if h.get("graded"):
+            g = h["graded"]
+            lines.append(f"The graded judge on the same turns (1 - q(Skip) against the same label): accuracy "
+                         f"{_fmt(g['accuracy'])}%, AUROC {_fmt(g['auroc'], pct=False, digits=3)}, "
+                         f"corrects {_fmt(g['judged_yes_rate'])}% of turns.")
     ro = j.get("rollouts") or {}
     if ro.get("labelled_turns"):
         lines.append(f"On real student turns of the sage_opd runs ({ro['labelled_turns']} judged): agreement with "

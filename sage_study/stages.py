@@ -87,7 +87,7 @@ def train_tokenizer(study: Study) -> dict[str, Any]:
     from sage_study.models import train_tokenizer as train
 
     records = _records(study, "expert") + _noisy(study)
-    tokenizer = train(D.corpus(records), study.cfg.tokenizer_vocab)
+    tokenizer = train(D.corpus(records), study.cfg.tokenizer_vocab, graded=study.cfg.teacher.graded_judge)
     tokenizer.save_pretrained(study.tokenizer_path)
     return {"vocab": len(tokenizer)}
 
@@ -126,23 +126,29 @@ def student_rollouts(study: Study) -> dict[str, Any]:
     return _play_info(records)
 
 
-def _judge_data(study: Study, games: set[str]) -> list:
-    """Labelled judge turns of the noisy expert and the student on ``games``."""
+def _judge_data(study: Study, games: set[str], graded: bool = False) -> list:
+    """Labelled judge turns of the noisy expert and the student on ``games`` (graded: Skip/Weak/Strong labels)."""
     records = [r for r in _noisy(study) + _records(study, "heldout-noisy") + _records(study, "student")
                if r["episode_id"] in games]
-    return D.judge_turns(records)
+    return D.judge_turns(records, graded)
 
 
 def train_teacher(study: Study) -> dict[str, Any]:
-    """The teacher: imitation of the expert (and of its recoveries in noisy play) plus judgment examples."""
+    """The teacher: imitation of the expert (and of its recoveries in noisy play) plus judgment examples (Yes/No,
+    and Skip/Weak/Strong on the same turns when ``teacher.graded_judge``)."""
     cfg, games = study.cfg, study.games()
     imitation = D.with_swaps(_records(study, "expert") + _noisy(study), cfg.teacher.swaps, cfg.data.seed)
     judged = set(games["noisy"]) | set(games["judge"]) | (set(games["pool"]) if cfg.data.noisy_pool else set())
     labelled = D.balance(_judge_data(study, judged), cfg.data.seed)
     labelled = labelled[:int(cfg.teacher.judge_share * len(imitation))]
     examples = imitation + D.judge_examples(labelled, _history_messages(study))
+    graded = []
+    if cfg.teacher.graded_judge:
+        graded = D.balance(_judge_data(study, judged, graded=True), cfg.data.seed)[:len(labelled)]
+        examples += D.judge_examples(graded, _history_messages(study), graded=True)
     info = _sft(study, "teacher", examples, study.teacher_path)
-    return {**info, "imitation_examples": len(imitation), "judge_examples": len(labelled)}
+    return {**info, "imitation_examples": len(imitation), "judge_examples": len(labelled),
+            "graded_judge_examples": len(graded)}
 
 
 def judge_eval(study: Study) -> dict[str, Any]:
@@ -158,14 +164,21 @@ def judge_eval(study: Study) -> dict[str, Any]:
         return {"turns": 0}
     tokenizer = AutoTokenizer.from_pretrained(study.teacher_path)
     teacher = HFTeacher(AutoModelForCausalLM.from_pretrained(study.teacher_path), tokenizer=tokenizer)
-    judge = TurnJudge(teacher, tokenizer, JudgeConfig(history_messages=_history_messages(study)))
-    p_yes = []
-    for lo in range(0, len(labelled), 32):
-        p_yes += judge.p_yes([t for t, _ in labelled[lo:lo + 32]]).tolist()
     labels = [y for _, y in labelled]
-    correct = sum((p >= 0.5) == y for p, y in zip(p_yes, labels))
-    return {"turns": len(labels), "yes_rate": sum(labels) / len(labels), "accuracy": correct / len(labels),
-            "auroc": auroc(p_yes, labels), "judged_yes_rate": sum(p >= 0.5 for p in p_yes) / len(p_yes)}
+
+    def measured(decision: str) -> dict[str, Any]:  # p_yes: q(Yes) (graded: 1 - q(Skip)) against the Yes/No label
+        judge = TurnJudge(teacher, tokenizer, JudgeConfig(decision=decision, history_messages=_history_messages(study)))
+        p_yes = []
+        for lo in range(0, len(labelled), 32):
+            p_yes += judge.p_yes([t for t, _ in labelled[lo:lo + 32]]).tolist()
+        correct = sum((p >= 0.5) == y for p, y in zip(p_yes, labels))
+        return {"accuracy": correct / len(labels), "auroc": auroc(p_yes, labels),
+                "judged_yes_rate": sum(p >= 0.5 for p in p_yes) / len(p_yes)}
+
+    out = {"turns": len(labels), "yes_rate": sum(labels) / len(labels), **measured("hard")}
+    if study.cfg.teacher.graded_judge:
+        out["graded"] = measured("graded")
+    return out
 
 
 # ---- evaluation and training --------------------------------------------------------------------------

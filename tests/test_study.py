@@ -53,6 +53,26 @@ def test_judge_examples_are_the_exact_chat_the_trainers_judge_reads(tiny_models)
     assert [ex.messages[-1]["content"] for ex in examples] == ["Yes", "No"]
 
 
+def test_graded_labels_and_examples_match_the_graded_judge(tiny_models):
+    """Skip for the expert's move, Weak for another move that did something, Strong for one that did nothing (the
+    same turns Yes/No calls No, Yes, Yes), rendered in the graded judge's own prompt; balancing keeps both sides."""
+    tok = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    record = _record([("go to desk 1", "go to desk 1", "You arrive at desk 1."),
+                      ("go to bed 1", "take mug 1 from desk 1", "You arrive at bed 1."),
+                      ("take mug 1 from bed 1", "take mug 1 from bed 1", "Nothing happens.")])
+    graded = D.judge_turns([record], graded=True)
+    assert [y for _, y in graded] == ["Skip", "Weak", "Strong"]
+    assert [y != "Skip" for _, y in graded] == [y for _, y in D.judge_turns([record])]
+    examples = D.judge_examples(graded, history_messages=4, graded=True)
+    judge = TurnJudge(None, tok, JudgeConfig(decision="graded", history_messages=4))
+    for (turn, _), ex in zip(graded, examples):
+        assert chat_text(tok, ex.messages[:-1]) == judge.render_text(turn)
+        assert "Skip" in ex.messages[-2]["content"] and "Yes" not in ex.messages[-2]["content"].split()
+    assert [ex.messages[-1]["content"] for ex in examples] == ["Skip", "Weak", "Strong"]
+    kept = D.balance(graded, seed=0)
+    assert sorted(y for _, y in kept) in (["Skip", "Strong"], ["Skip", "Weak"])  # one of each side
+
+
 def test_encode_labels_exactly_the_trained_assistant_turns(tiny_models):
     tok = AutoTokenizer.from_pretrained(tiny_models["student"])
     messages = _record([("go to desk 1", "go to desk 1", "ok"), ("look", "look", "ok")])["messages"]
@@ -102,6 +122,9 @@ def test_study_config_profiles_overrides_and_errors(tmp_path):
         load_study_config(CONFIG, "quick", ["train.optim.stepz=3"])
     with pytest.raises(ConfigError, match="student.path"):
         load_study_config(CONFIG, "quick", ["teacher.path=/models/teacher"])
+    with pytest.raises(ConfigError, match="sage_opd-graded use a graded judge.*teacher.graded_judge: true"):
+        load_study_config(CONFIG, None, ["teacher.graded_judge=false"])
+    assert full.teacher.graded_judge and not quick.teacher.graded_judge  # quick's teacher stays the measured one
     bad = tmp_path / "bad.yaml"
     bad.write_text("out_dir: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
