@@ -20,6 +20,9 @@ class Arch:
     max_position_embeddings: int = 4096
 
 
+GRADED_REPEATS = 64  # copies of each graded answer in the tokenizer's training text (see prompt_texts)
+
+
 def prompt_texts(graded: bool = False) -> list[str]:
     """The project's own fixed texts that models read: invalid-turn feedback and the judgment prompt (graded: the
     Skip/Weak/Strong prompt too)."""
@@ -27,7 +30,10 @@ def prompt_texts(graded: bool = False) -> list[str]:
 
     formatter = ReActFormatter()
     texts = [formatter.invalid_feedback(r) for r in INVALID_REASONS] + [JUDGE_SYSTEM, JUDGE_TEMPLATE, "Yes", "No"]
-    return texts + ([GRADED_TEMPLATE, *GRADES] if graded else [])
+    # the graded answers are rare words in ALFWorld's text: repeated (as answers are, after the prompt's
+    # newline or a space) so that BPE gives each one its own first token and the judge can tell them apart
+    return texts + ([GRADED_TEMPLATE] + [f"{s}{g}" for g in GRADES for s in ("", " ", "\n")] * GRADED_REPEATS
+                    if graded else [])
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, graded: bool = False):

@@ -73,6 +73,22 @@ def test_graded_labels_and_examples_match_the_graded_judge(tiny_models):
     assert sorted(y for _, y in kept) in (["Skip", "Strong"], ["Skip", "Weak"])  # one of each side
 
 
+def test_a_graded_study_tokenizer_gives_each_grade_its_own_token():
+    """Without the graded texts BPE splits Skip and Strong into pieces that both start with 'S', so the judge could
+    not tell them apart; with them each answer (and its spelling after a space) is one token the judge reads."""
+    from sage_study.models import train_tokenizer
+
+    text = ["You arrive at desk 1. On the desk 1, you see a mug 1.", "Nothing happens."] * 200
+    plain = train_tokenizer(text, 512)
+    graded = train_tokenizer(text, 512, graded=True)
+    assert plain.tokenize("Strong")[0] == plain.tokenize("Skip")[0]  # the collision the option prevents
+    for word in ("Skip", "Weak", "Strong"):
+        assert len(graded.tokenize(word)) == 1 and len(graded.tokenize(" " + word)) == 1
+    judge = TurnJudge(None, graded, JudgeConfig(decision="graded"))
+    firsts = [graded.tokenize(g)[0] for g in ("Skip", "Weak", "Strong")]
+    assert all(graded.convert_tokens_to_ids(t) in judge.answer_ids[g] for t, g in zip(firsts, ("Skip", "Weak", "Strong")))
+
+
 def test_encode_labels_exactly_the_trained_assistant_turns(tiny_models):
     tok = AutoTokenizer.from_pretrained(tiny_models["student"])
     messages = _record([("go to desk 1", "go to desk 1", "ok"), ("look", "look", "ok")])["messages"]
