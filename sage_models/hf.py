@@ -155,6 +155,8 @@ class HFPolicy:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
+        from sage_models.kv_cache import CACHE_STEP, batch_cache, cache_layers
+
         found = [self.history.continuation(c, owner=self.model) for c in conversations]
         all_prompts = [ids for ids, _ in found]
         limits = [new_token_budget(len(p), decoding.max_new_tokens, self.max_context) for p in all_prompts]
@@ -181,8 +183,10 @@ class HFPolicy:
             generators = [torch.Generator(device=self.model.device).manual_seed(int(seeds[i])) for i in rows]
             processors.append(_RowSampler(decoding, generators))
         config = GenerationConfig(max_new_tokens=max(budgets), do_sample=False, pad_token_id=pad,
-                                  eos_token_id=sorted(self.eos_ids) or None, return_dict_in_generate=True)
-        extra = {_cache_kwarg(self.model): _batch_cache(caches, big_c, self.model.config)} if big_c else {}
+                                  eos_token_id=sorted(self.eos_ids) or None, return_dict_in_generate=True,
+                                  disable_compile=True)  # the growing cache changes shape (sage_models.kv_cache)
+        cache = batch_cache(caches, big_c, self.model.config, room=min(max(budgets), CACHE_STEP))
+        extra = {_cache_kwarg(self.model): cache} if cache is not None else {}
         was_training = self.model.training  # a trainer's live model: sample without dropout, then restore
         self.model.eval()
         try:
@@ -192,7 +196,7 @@ class HFPolicy:
                                              stopping_criteria=StoppingCriteriaList([stopper]), **extra)
         finally:
             self.model.train(was_training)
-        layers = _cache_layers(output, output.sequences.shape[1] - 1) if self.kv_reuse else None
+        layers = cache_layers(output, output.sequences.shape[1] - 1) if self.kv_reuse else None
         for j, (i, prompt) in enumerate(zip(rows, prompts)):
             generated = output.sequences[j, width:].tolist()
             end, reason = stopper.ends.get(j, (len(generated), caps[j]))
@@ -243,32 +247,6 @@ class _RowCache:
 def _cache_kwarg(model) -> str:
     """What ``generate`` calls the cache: ``cache`` (transformers 5) or ``past_key_values`` (4.x)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _batch_cache(caches: list[_RowCache | None], width: int, config):
-    """The rows' caches left-padded (with zeros, masked out) to ``width`` positions, as one ``DynamicCache``."""
-    from transformers import DynamicCache
-
-    some = next(c for c in caches if c is not None)
-    data = []
-    for layer, (k0, v0) in enumerate(some.layers):
-        keys = k0.new_zeros((len(caches), k0.shape[0], width, k0.shape[2]))
-        values = v0.new_zeros((len(caches), v0.shape[0], width, v0.shape[2]))
-        for j, c in enumerate(caches):
-            if c is not None:
-                keys[j, :, width - c.length:], values[j, :, width - c.length:] = c.layers[layer]
-        data.append((keys, values))
-    return DynamicCache(ddp_cache_data=data, config=config)
-
-
-def _cache_layers(output, fed: int) -> list[tuple[Any, Any]] | None:
-    """(keys, values) [B, kv_heads, fed, head_dim] per layer of ``generate``'s returned cache, or None when it is not a
-    full cache of every fed position (sliding-window or recurrent layers): then nothing is reused."""
-    cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
-    layers = getattr(cache, "layers", None)
-    if not layers or any(getattr(layer, "keys", None) is None or layer.keys.shape[-2] != fed for layer in layers):
-        return None
-    return [(layer.keys, layer.values) for layer in layers]
 
 
 def context_window(config, tokenizer=None) -> int | None:

@@ -207,6 +207,31 @@ def test_kv_cache_reuse_generates_exactly_what_a_full_prefill_does(lively, tempe
     assert reused.history.continued == 12 and fed[id(reused)] < 0.5 * fed[id(full)]
 
 
+def test_growing_kv_cache_generates_what_transformers_dynamic_cache_does(lively, monkeypatch):
+    """The hf backend generates into key/value layers that grow in steps (sage_models.kv_cache); with a step of 3
+    they grow several times per response, left-padded rows, a lone row and a continued turn included, and every
+    row's greedy ids equal transformers' own generate (a DynamicCache) on that row alone."""
+    import torch
+
+    from sage_models import kv_cache
+
+    greedy = Decoding(temperature=0.0, max_new_tokens=20)
+    alone = HFPolicy(lively).generate(_chats(1), greedy, [])  # one row: an all-ones 2D mask, 20 free positions
+    monkeypatch.setattr(kv_cache, "CACHE_STEP", 3)
+    policy = HFPolicy(lively)
+    chats = _chats(3)
+    first = policy.generate(chats, greedy, [])
+    chats = [c + [{"role": "assistant", "content": g.text}, {"role": "user", "content": "you see a desk " * (k + 1)}]
+             for k, (c, g) in enumerate(zip(chats, first))]
+    second = policy.generate(chats, greedy, [])
+    assert policy.history.continued == 3 and max(len(g.token_ids) for g in second) > 3  # grew past the room
+    for g in first + second + alone:
+        ids = torch.tensor([g.prompt_ids])
+        want = policy.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=20, pad_token_id=policy.tokenizer.pad_token_id)
+        assert want[0, ids.shape[1]:].tolist()[:len(g.token_ids)] == g.token_ids
+
+
 def test_token_history_falls_back_to_the_template_and_never_doubles_the_end_token(tiny_models):
     from transformers import AutoTokenizer
 
