@@ -81,7 +81,9 @@ class VLLMPolicy:
 
     ``tokenizer``: the tokenizer the prompts are built with (default: the engine's). In-process weight sync
     (``sync_state_dict``) passes tensors by reference, which needs ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
-    (set here unless already set)."""
+    (set here unless already set). Built with ``enable_sleep_mode=True`` (CUDA only), ``release`` puts the
+    engine to sleep between rollouts (level 1: KV cache dropped, weights offloaded to CPU memory) so that
+    training has the GPU; ``generate`` and ``sync_state_dict`` wake it first."""
 
     kind = "vllm"
 
@@ -101,6 +103,7 @@ class VLLMPolicy:
             sys.path.append(extension_path())
         engine_kwargs.setdefault("worker_extension_cls", EXTENSION)
         self.name, self._vllm = name or path, vllm
+        self.sleep_mode, self.asleep = bool(engine_kwargs.get("enable_sleep_mode")), False
         self.llm = vllm.LLM(model=path, **engine_kwargs)
         self.tokenizer = tokenizer or self.llm.get_tokenizer()
         self.history = TokenHistory(self.tokenizer)
@@ -110,6 +113,7 @@ class VLLMPolicy:
                  seeds: list[int] | None = None) -> list[Generation]:
         from vllm.inputs import TokensPrompt
 
+        self._wake()
         seeds = seeds or [decoding.seed] * len(conversations)
         prompts = [self.history.prompt_ids(c) for c in conversations]
         limits = [new_token_budget(len(p), decoding.max_new_tokens, self.max_context) for p in prompts]
@@ -132,9 +136,21 @@ class VLLMPolicy:
         import time
 
         start = time.perf_counter()
+        self._wake()
         self.llm.collective_rpc("sage_load_state_dict", args=(state_dict,))
         self.llm.reset_prefix_cache()
         return time.perf_counter() - start
+
+    def release(self) -> None:
+        """Between rollouts: free the engine's GPU memory for training (sleep mode), else nothing."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def close(self) -> None:
         self.llm = None
@@ -233,6 +249,9 @@ class VLLMServerPolicy:
         self._request("POST", "/reset_prefix_cache")
         self.model = self.lora = name
         return time.perf_counter() - start
+
+    def release(self) -> None:
+        """Nothing: a server's memory is its own process's (sleep it with its own /sleep route if it shares a GPU)."""
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -106,7 +106,8 @@ class RolloutConfig:
     sync_dir: str | None = None  # server: a folder the server can read (default: log.out_dir/sync)
     sync_every: int = 1  # optimiser steps between weight syncs; rollout/policy_lag says how stale the engine is
     check_sync: bool = False  # after each sync, greedy engine generations must equal the trained weights' (hf)
-    vllm: dict[str, Any] = field(default_factory=dict)  # vllm: engine arguments (gpu_memory_utilization, dtype, ...)
+    # vllm: engine arguments (gpu_memory_utilization, dtype, ...; enable_sleep_mode: it sleeps between rollouts, CUDA)
+    vllm: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -81,6 +81,8 @@ class RolloutPhase:
                                           **kwargs)
         finally:
             model.train()
+            if self.engine is not None:
+                self.engine.release()  # vllm with enable_sleep_mode: the GPU goes back to training
 
     def teacher_policy(self, history=None):
         from sage_models import HFPolicy

