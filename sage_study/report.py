@@ -250,11 +250,13 @@ def _version() -> str:
     return sage_gym.__version__
 
 
-def _command() -> str:
-    """The command line that wrote this report (``sage study ...``)."""
+def _command() -> str | None:
+    """The command line that wrote this report (``sage study ...``); None when it was not the sage command."""
     import shlex
     import sys
 
+    if Path(sys.argv[0]).name not in ("sage", "__main__.py") or sys.argv[1:2] != ["study"]:
+        return None
     return shlex.join(["sage", *sys.argv[1:]])
 
 
@@ -272,7 +274,7 @@ def render_markdown(r: dict[str, Any]) -> str:
              + ", ".join(_panel_text(cfg, p) for p in r["panels"])
              + f"; evaluation seeds {cfg['eval']['seeds']}, temperature {cfg['eval']['temperature']}, "
              f"at most {cfg['eval']['max_new_tokens']} new tokens per turn, turn cap {cfg['envs']['max_turns']}.",
-             "", f"Written by `{r.get('command', 'sage study')}`.",
+             *(["", f"Written by `{r['command']}`."] if r.get("command") else []),
              "", "## Success by model", "",
              "Mean success over games (each game averaged over all its episodes) with a 95% game-bootstrap "
              "interval; std over seeds is the std of per-run (or per-evaluation-seed) means.", "",
