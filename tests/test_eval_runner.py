@@ -299,7 +299,8 @@ def _lines_tolerant(out: Path) -> list[dict]:
 def test_ctrl_c_leaves_no_workers_and_says_how_to_resume(tmp_path):
     # 40 games: the expert plays a game in well under a second, and with 6 the run once finished (exit 0) before
     # the signal arrived (CI, 2026-12-03)
-    proc = _start_cli(tmp_path / "run", limit=40, workers=2)
+    games = 40
+    proc = _start_cli(tmp_path / "run", limit=games, workers=2)
     _wait_lines(tmp_path / "run", 1, proc)
     workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     assert len(workers) >= 2
@@ -307,8 +308,8 @@ def test_ctrl_c_leaves_no_workers_and_says_how_to_resume(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
     done = len(_lines(tmp_path / "run"))
-    assert f"interrupted: {done} of 40 episodes are saved in {tmp_path / 'run' / 'episodes.jsonl'}" in err
-    assert (f"to resume: sage evaluate --model expert --env alfworld-unseen --limit 40 --workers 2 --out "
+    assert f"interrupted: {done} of {games} episodes are saved in {tmp_path / 'run' / 'episodes.jsonl'}" in err
+    assert (f"to resume: sage evaluate --model expert --env alfworld-unseen --limit {games} --workers 2 --out "
             f"{tmp_path / 'run'} --no-progress\n") in err  # one line, to copy
     assert _gone(workers, timeout=15)
 
