@@ -8,6 +8,8 @@ are played with the same seeded decoding and the hf backend:
 
   * batched, kv reuse: ``--live`` episodes, one ``generate`` call per turn for all of them, each turn
     starting from the conversation's cached keys (only the new feedback is prefilled);
+  * batched, full prefill: the same, with the whole history prefilled every turn (kv reuse at the
+    runner's operating point: ``sage evaluate`` and ``sage train`` play episodes this way);
   * one at a time, kv reuse: one call per episode (episodes per minute against the batched run);
   * one at a time, full prefill: the first ``--full-prefill-episodes`` episodes with the whole history
     prefilled every turn (generation seconds and prefill tokens of a 30-turn episode against the same
@@ -119,6 +121,7 @@ def main() -> None:
     k = min(args.full_prefill_episodes, args.live)
     runs = {}
     for name, reuse, single, games in (("batched, kv reuse", True, False, chats),
+                                       ("batched, full prefill", False, False, chats),
                                        ("one at a time, kv reuse", True, True, chats),
                                        ("one at a time, full prefill", False, True, chats[:k])):
         policy = HFPolicy(model=net, tokenizer=tokenizer, kv_reuse=reuse)
@@ -127,12 +130,16 @@ def main() -> None:
         print(f"{name:<28} {n} episodes  {r['seconds'] / n:8.2f} s/episode  {60 * n / r['seconds']:7.2f} episodes/min  "
               f"prefill {r['fed'] / n:9.0f} tokens/episode  ({r['generated']} generated, last prompt "
               f"{r['prompt_tokens']} tokens)", flush=True)
-    b, s, f = (runs[name] for name in ("batched, kv reuse", "one at a time, kv reuse", "one at a time, full prefill"))
+    b, bf, s, f = (runs[name] for name in ("batched, kv reuse", "batched, full prefill", "one at a time, kv reuse",
+                                           "one at a time, full prefill"))
     reused = sum(s["episode_seconds"][:k])
     same = f["ids"] == [turn[:k] for turn in s["ids"]]
     print(f"\nkv reuse vs full prefill ({args.turns}-turn episodes, the same {k} one at a time): generation time "
           f"{f['seconds'] / reused:.2f}x lower ({f['seconds'] / k:.1f} s vs {reused / k:.1f} s per episode; target >= 3x); "
           f"same ids: {same}")
+    print(f"kv reuse vs full prefill ({args.turns}-turn episodes, {args.live} live, batched): generation time "
+          f"{bf['seconds'] / b['seconds']:.2f}x lower ({bf['seconds'] / args.live:.1f} s vs "
+          f"{b['seconds'] / args.live:.1f} s per episode; target >= 3x); same ids: {bf['ids'] == b['ids']}")
     print(f"batched vs one at a time (kv reuse, {args.live} live): {s['seconds'] / b['seconds']:.2f}x episodes/min "
           "(target >= 2x)")
 
