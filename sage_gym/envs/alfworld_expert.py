@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TOGGLE_TASK = "look_at_obj_in_light"
-SHOWN_TO_CHECK = 5  # places named in a search thought: enough to see the search ahead, short enough for one turn
 _VERBS = {"heat": ("microwave", "heat"), "cool": ("fridge", "cool"), "clean": ("sinkbasin", "clean")}
 
 
@@ -138,24 +137,6 @@ class HandCodedExpert:
         reason = self._reason(action)
         return f"Goal: {self.goal}. {reason}" if self.goal else reason
 
-    def _still_to_check(self, target: str, place: str) -> list[str]:
-        """The expert's search queue when ``place`` is its next stop: the places it has yet to check, in room order
-        and limited to where a ``target`` is likely to be (while any such place is left), the next one last. With
-        this list in every search thought, a reader finds the next stop (the last item) and the rest of the search
-        in the previous turn, instead of working out the room's unvisited places from the whole history."""
-        p = self._policy
-        queue = list(p.receptacles_to_check)
-        if not queue or queue[-1] != place:
-            return []  # not the expert's next stop: no list to show
-        try:
-            likely = set(p.get_list_of_receptacles_of_type(target) if target in p.RECEPTACLES
-                         else p.get_list_of_receptacles_to_search_for_object_cls(target))
-        except KeyError:
-            likely = set()
-        if place in likely:
-            queue = [r for r in queue if r in likely]
-        return queue[-SHOWN_TO_CHECK:]
-
     def _reason(self, action: str) -> str:
         p = self._policy
         params = p.task_params
@@ -172,11 +153,9 @@ class HandCodedExpert:
             target = subgoal["param"] or obj
             if p.obj_cls_to_receptacle_map.get(target) == place:
                 return f"I saw a {target} at {place}. I go there."
-            need = f"I have the {obj}. I need a {target}" if p.inventory and target != obj else f"I need a {target}"
-            todo = self._still_to_check(target, place)
-            if todo:
-                return f"{need}. Not checked yet: {', '.join(todo)}."
-            return f"{need}. I have not checked {place} yet."
+            if p.inventory and target != obj:
+                return f"I have the {obj}. I look for a {target} to put it in: {place} is next."
+            return f"I need a {target}. I have not checked {place} yet."
         if verb == "open":
             return f"{rest} is closed. I open it to see inside."
         if verb == "close":
