@@ -237,9 +237,13 @@ def test_resume_refuses_other_settings(tmp_path):
 
 
 def _start_cli(out: Path, limit: int, workers: int) -> subprocess.Popen:
+    """``sage evaluate`` as a terminal's foreground job: SIGINT at its default, whatever this process inherited. A
+    shell starts background jobs (``cmd &``, nohup) with SIGINT ignored, the ignore is inherited across exec, and
+    Python then installs no KeyboardInterrupt handler: Ctrl-C tests run that way saw the CLI ignore the signal."""
     return subprocess.Popen([SAGE, "evaluate", "--model", "expert", "--env", "alfworld-unseen", "--limit", str(limit),
                              "--workers", str(workers), "--out", str(out), "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_lines(out: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -297,8 +301,7 @@ def _lines_tolerant(out: Path) -> list[dict]:
 
 
 def test_ctrl_c_leaves_no_workers_and_says_how_to_resume(tmp_path):
-    # 40 games: the expert plays a game in well under a second, and with 6 the run once finished (exit 0) before
-    # the signal arrived (CI, 2026-12-03)
+    # 40 games, so that the expert (well under a second a game) is still playing when the signal arrives
     games = 40
     proc = _start_cli(tmp_path / "run", limit=games, workers=2)
     _wait_lines(tmp_path / "run", 1, proc)
