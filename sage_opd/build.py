@@ -10,6 +10,7 @@ in memory (parameters counted on the meta device); ``build`` then loads everythi
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,12 +243,23 @@ def load_teacher(cfg: TrainConfig, algorithm: Algorithm, plan: ModelPlan, dtype:
                      tokenizer=plan.teacher_tokenizer)
 
 
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """The learning-rate multiplier of optimiser step ``step`` (0-based): a linear warm-up over ``warmup`` steps,
+    then 1 (``constant``) or a cosine from 1 down to 0 at step ``total`` (``cosine``)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return 1.0
+
+
 def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]):
-    """AdamW over ``params`` and its schedule (linear warm-up over ``optim.warmup_steps``, then constant)."""
+    """AdamW over ``params`` and its schedule (``lr_factor``: linear warm-up, then constant or cosine)."""
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
-    warmup = cfg.optim.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    o = cfg.optim
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, o.warmup_steps, o.steps,
+                                                                                 o.lr_schedule))
     return optimizer, scheduler
 
 

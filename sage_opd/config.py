@@ -133,6 +133,7 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     steps: int = 200
     warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after the warm-up; cosine decays to 0 at optim.steps
     seed: int = 0
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 

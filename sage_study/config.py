@@ -43,6 +43,8 @@ class DataConfig:
     warm_from_pool: bool = False  # pool_source expert: the warm start's games begin with the pool's (it saw them once)
     noisy_pool: int = 0  # pool_source expert: noisy plays of each pool game (the teacher's recoveries on its games)
     pool_max_turns: int | None = None  # pool_source expert: only games the expert won within this many turns
+    dagger_plays: int = 0  # warm-student plays of each pool game (train rollout temperature) whose mistakes the expert
+    dagger_turns: int = 3  # corrects, at most this many per episode: the teacher's DAgger data (data.correction_examples)
     seed: int = 0
     workers: int = 2
 

@@ -49,12 +49,20 @@ def play(policy: str, env_id: str, episode_ids: Sequence[str], out_dir: str | Pa
          progress: bool = True) -> list[dict]:
     """Play ``episode_ids`` once per seed with ``policy`` (a model path or a scripted agent such as ``handcoded``)
     through ``sage_evals.runner.evaluate`` with expert labels on; returns the episode records (resumable)."""
-    from sage_evals.runner import RunFolder, check_errors, evaluate
+    from sage_evals.runner import check_errors, evaluate
 
     check_errors(evaluate(policy, env_id, seeds=list(seeds), workers=workers, episode_ids=list(episode_ids),
                           out_dir=out_dir, decoding=decoding, env_kwargs={"max_turns": max_turns, "expert_labels": True},
                           model_opts=model_opts, progress=progress))
-    return RunFolder(out_dir).records()
+    return episodes(out_dir)
+
+
+def episodes(out_dir: str | Path) -> list[dict]:
+    """The finished episode records of a run folder in one fixed order (episode id, seed). Workers append them in
+    the order they finish, which varies from run to run; the SFT data built from them must not."""
+    from sage_evals.runner import RunFolder
+
+    return sorted(RunFolder(out_dir).records(), key=lambda r: (str(r["episode_id"]), int(r["seed"])))
 
 
 def _turns(record: dict) -> Iterable[tuple[int, dict, list[dict]]]:
@@ -81,6 +89,25 @@ def imitation_examples(records: Iterable[dict]) -> list[ChatExample]:
         train = [k for k, step, _ in _turns(record) if agrees(step)]
         if train:
             out.append(ChatExample(record["messages"], train))
+    return out
+
+
+def correction_examples(records: Iterable[dict], per_episode: int) -> list[ChatExample]:
+    """DAgger data: in another agent's episodes, each state where its move (or invalid turn) was not the expert's,
+    answered with the expert's move from that state (``per_episode`` at most, the first ones). A teacher trained only
+    on expert play copies the student's own mistakes in the states the student reaches (measured: after a repeated
+    "go to X", the teacher's KL to the repeat was 0.3 per turn), so OPD cannot correct them."""
+    from sage_gym.formatting import ReActFormatter
+
+    fmt, out = ReActFormatter(), []
+    for record in records:
+        if record.get("error"):
+            continue
+        fixes = [(k, step, history) for k, step, history in _turns(record)
+                 if step.get("expert") and step["action"] != step["expert"]["action"]][:per_episode]
+        for k, step, history in fixes:
+            answer = fmt.format_action(step["expert"]["action"], step["expert"]["thought"])
+            out.append(ChatExample(history + [{"role": "assistant", "content": answer}], [len(history)]))
     return out
 
 

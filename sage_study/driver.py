@@ -97,8 +97,10 @@ class Study:
         if self.cfg.student.path is None:
             out.append(Stage("student_warm", lambda: s.warm_student(self)))
         if build:
-            out += [Stage("student_rollouts", lambda: s.student_rollouts(self)),
-                    Stage("teacher", lambda: s.train_teacher(self)),
+            out.append(Stage("student_rollouts", lambda: s.student_rollouts(self)))
+            if self.cfg.data.dagger_plays:
+                out.append(Stage("student_pool", lambda: s.student_pool(self)))
+            out += [Stage("teacher", lambda: s.train_teacher(self)),
                     Stage("judge_eval", lambda: s.judge_eval(self))]
         out += [Stage("eval_teacher", lambda: s.evaluate_model(self, "teacher", self.teacher_path)),
                 Stage("eval_warm", lambda: s.evaluate_model(self, "student-warm", self.student_path))]

@@ -16,9 +16,7 @@ if TYPE_CHECKING:
 
 
 def _records(study: Study, name: str) -> list[dict]:
-    from sage_evals.runner import RunFolder
-
-    return RunFolder(study.data_dir(name)).records()
+    return D.episodes(study.data_dir(name))
 
 
 def _play_info(records: list[dict]) -> dict[str, Any]:
@@ -126,6 +124,17 @@ def student_rollouts(study: Study) -> dict[str, Any]:
     return _play_info(records)
 
 
+def student_pool(study: Study) -> dict[str, Any]:
+    """The warm student on the pool games at the training rollout temperature, ``data.dagger_plays`` times each
+    (expert labels on): the states distillation visits, whose mistakes the expert corrects for the teacher."""
+    cfg = study.cfg
+    temperature = cfg.train.get("rollout", {}).get("temperature", 1.0)
+    records = D.play(study.student_path, cfg.envs.train, study.games()["pool"], study.data_dir("student-pool"),
+                     seeds=range(cfg.data.dagger_plays), workers=cfg.eval.workers, max_turns=cfg.envs.max_turns,
+                     decoding=Decoding(temperature=temperature, max_new_tokens=cfg.eval.max_new_tokens))
+    return _play_info(records)
+
+
 def _judge_data(study: Study, games: set[str], graded: bool = False) -> list:
     """Labelled judge turns of the noisy expert and the student on ``games`` (graded: Skip/Weak/Strong labels)."""
     records = [r for r in _noisy(study) + _records(study, "heldout-noisy") + _records(study, "student")
@@ -134,20 +143,24 @@ def _judge_data(study: Study, games: set[str], graded: bool = False) -> list:
 
 
 def train_teacher(study: Study) -> dict[str, Any]:
-    """The teacher: imitation of the expert (and of its recoveries in noisy play) plus judgment examples (Yes/No,
+    """The teacher: imitation of the expert (and of its recoveries in noisy play), the expert's corrections of the
+    warm student's mistakes on the pool (``data.dagger_plays``), plus judgment examples (Yes/No,
     and Skip/Weak/Strong on the same turns when ``teacher.graded_judge``)."""
     cfg, games = study.cfg, study.games()
     imitation = D.with_swaps(_records(study, "expert") + _noisy(study), cfg.teacher.swaps, cfg.data.seed)
+    corrections = (D.correction_examples(_records(study, "student-pool"), cfg.data.dagger_turns)
+                   if cfg.data.dagger_plays else [])
     judged = set(games["noisy"]) | set(games["judge"]) | (set(games["pool"]) if cfg.data.noisy_pool else set())
     labelled = D.balance(_judge_data(study, judged), cfg.data.seed)
     labelled = labelled[:int(cfg.teacher.judge_share * len(imitation))]
-    examples = imitation + D.judge_examples(labelled, _history_messages(study))
+    examples = imitation + corrections + D.judge_examples(labelled, _history_messages(study))
     graded = []
     if cfg.teacher.graded_judge:
         graded = D.balance(_judge_data(study, judged, graded=True), cfg.data.seed)[:len(labelled)]
         examples += D.judge_examples(graded, _history_messages(study), graded=True)
     info = _sft(study, "teacher", examples, study.teacher_path)
-    return {**info, "imitation_examples": len(imitation), "judge_examples": len(labelled),
+    return {**info, "imitation_examples": len(imitation), "correction_examples": len(corrections),
+            "judge_examples": len(labelled),
             "graded_judge_examples": len(graded)}
 
 

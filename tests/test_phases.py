@@ -231,6 +231,16 @@ def test_optimizer_step_with_no_selected_turn_makes_no_update_but_counts_the_ste
     assert scheduler.last_epoch == 1 and not optimizer.state  # the schedule moved on, AdamW never stepped
 
 
+def test_lr_schedule_warms_up_then_holds_or_decays_to_zero():
+    from sage_opd.build import lr_factor
+
+    assert [lr_factor(s, 4, 10, "constant") for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = [lr_factor(s, 4, 10, "cosine") for s in range(12)]
+    assert cosine[:4] == [0.25, 0.5, 0.75, 1.0] and cosine[7] == pytest.approx(0.5)  # halfway from step 4 to 10
+    assert cosine[4] == 1.0 and all(a > b for a, b in zip(cosine[4:10], cosine[5:11])) and cosine[10] == cosine[11] == pytest.approx(0.0)
+    assert lr_factor(0, 0, 10, "cosine") == 1.0 and lr_factor(5, 0, 10, "cosine") == pytest.approx(0.5)
+
+
 # ---- checkpoint -------------------------------------------------------------------------------------
 def test_checkpoint_round_trip_restores_optimizer_schedule_rng_and_judge(tiny_models, tmp_path):
     from sage_opd.build import build_optimizer

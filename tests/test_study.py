@@ -42,6 +42,21 @@ def test_labels_train_on_expert_moves_and_flag_the_others():
     assert turn.feedback == "You arrive at bed 1." and turn.task == "put a mug."
 
 
+def test_corrections_answer_the_students_own_states_with_the_experts_move():
+    record = _record([("go to desk 1", "go to desk 1", "You arrive at desk 1."),
+                      ("go to desk 1", "take mug 1 from desk 1", "Nothing happens."),
+                      ("go to desk 1", "take mug 1 from desk 1", "Nothing happens."),
+                      ("go to bed 1", "take mug 1 from desk 1", "You arrive at bed 1.")])
+    examples = D.correction_examples([record], per_episode=2)
+    assert len(examples) == 2  # the first two mistakes; the agreeing first turn is no correction
+    for example, k in zip(examples, (4, 6)):
+        assert example.messages[:-1] == record["messages"][:k]  # the student's own history, up to that state
+        assert example.messages[-1] == {"role": "assistant", "content": "x\n<action>take mug 1 from desk 1</action>"}
+        assert example.train_turns == [k]  # trained on that answer only, never on the student's moves before it
+    assert len(D.correction_examples([record], per_episode=5)) == 3
+    assert D.correction_examples([{**record, "error": "env crashed"}], per_episode=5) == []
+
+
 def test_judge_examples_are_the_exact_chat_the_trainers_judge_reads(tiny_models):
     tok = AutoTokenizer.from_pretrained(tiny_models["teacher"])
     record = _record([("go to desk 1", "go to bed 1", "You arrive at desk 1."), ("look", "look", "ok")])
@@ -127,7 +142,7 @@ def test_study_config_profiles_overrides_and_errors(tmp_path):
     assert full.profile == "full" and quick.profile == "quick" and quick.out_dir != full.out_dir
     assert quick.data.expert < full.data.expert and quick.eval.seeds == [0, 1]
     # the quick profile's optim block is merged into the full one's, not replaced: grad_accum comes from full
-    assert quick.train["optim"] == {**full.train["optim"], "steps": 3, "lr": 3e-4, "warmup_steps": 5}
+    assert quick.train["optim"] == {**full.train["optim"], "steps": 3, "lr": 1e-3, "warmup_steps": 5}
     assert "grad_accum" in quick.train["optim"]
     assert {m.name for m in full.methods} >= {"opd", "sage_opd", "guided_opd", "sft"}
     with pytest.raises(ConfigError, match="Unknown profile 'nope'.*quick"):
@@ -198,3 +213,22 @@ def test_copy_warmup_makes_a_fresh_model_predict_a_span_better_the_second_time_i
     first, repeat = first_and_repeat(model)
     assert abs(before[0] - before[1]) < 0.1 and first < before[0] - 1.0, (before, first, repeat)
     assert repeat < first - 0.25, (before, first, repeat)
+
+
+def test_study_episodes_come_in_one_order_whatever_order_the_workers_finished_in(tmp_path):
+    """Workers append episodes as they finish; SFT data built in file order made the warm student differ from
+    run to run (max weight difference 0.27 between two CI runs of the quick profile)."""
+    from sage_evals.runner import RunFolder
+
+    records = [{**_record([("look", "look", "ok")]), "episode_id": f"train/{g}/1", "seed": s}
+               for g in ("b", "a", "c") for s in (1, 0)]
+    orders = []
+    for name, order in (("one", records), ("other", records[::-1])):
+        folder = RunFolder(tmp_path / name)
+        folder.path.mkdir()
+        for r in order:
+            folder.append(r)
+        orders.append([(r["episode_id"], r["seed"]) for r in D.episodes(folder.path)])
+    assert orders[0] == orders[1] == sorted(orders[0])
+    examples = [D.imitation_examples(D.episodes(tmp_path / name)) for name in ("one", "other")]
+    assert examples[0] == examples[1]

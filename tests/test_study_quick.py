@@ -47,19 +47,20 @@ def test_the_teacher_plays_the_panel_far_better_than_the_warm_student(quick):
 
 def test_opd_pulls_the_student_towards_the_teacher(quick):
     """The per-token reverse KL to the teacher on the student's own rollouts falls over training (measured:
-    0.3-0.5 on the first steps, 0.03-0.09 on the last): a broken loss, sign or optimiser step does not."""
+    0.3-0.5 on the first steps, 0.04-0.1 on the last): a broken loss, sign or optimiser step does not."""
     lines = (quick["out"] / "runs" / "opd-seed0" / "metrics.jsonl").read_text().splitlines()
     kl = [json.loads(line)["kl"] for line in lines]
     assert len(kl) >= 6 and sum(kl[-3:]) < 0.8 * sum(kl[:3]), kl
 
 
 def test_distillation_wins_more_games_than_the_warm_start(quick):
-    """The issue's learning signal: success on the fixed panel rises over the warm start. The teacher's bf16 SFT
-    is not bit-reproducible, so runs differ; measured on this machine over 6 games x 3 evaluation seeds, warm
-    44.4% every time, (opd, sage_opd) = (83.3, 77.8), (83.3, 94.4) and (50.0, 44.4) in three runs. So the
-    assertion is on the two methods together (more games won than the warm start) and on each one not losing
-    ground. A loss, rollout, teacher-scoring or optimiser change that stops the student from learning fails here;
-    so does an OPD learning rate that breaks the warm student (3e-4 without warmup: 0%)."""
+    """The issue's learning signal: success on the fixed panel (6 pool games x 6 evaluation seeds) rises over the
+    warm start. On one machine the study repeats bit for bit (its data sets are read in one order), but a change of
+    data, seed, model or CPU kernels draws another teacher and student, so the margin must hold across draws.
+    Measured on 2026-12-03: warm 27.8%, opd 75.0%, sage_opd 58.3%; with other SFT seeds for both models, see
+    docs/study.md. Over 60 pool episodes, OPD students from 6 training settings won 50-75% against the warm
+    start's 27%. A loss, rollout, teacher-scoring or optimiser change that stops the student from learning fails
+    here; so does an OPD learning rate that breaks the warm student (3e-4 without warmup: 0%)."""
     results = quick["results"]
     warm = _row(results, "student-warm")
     rows = {method: _row(results, method) for method in ("opd", "sage_opd")}
