@@ -175,7 +175,8 @@ def train_sft(model, tokenizer, examples: Sequence[ChatExample], cfg: SftConfig,
             if step >= total:
                 break
             # one row at a time, no padding mask (the fast CPU attention kernel takes none); gradients of the
-            # batch's mean token loss accumulate over its rows
+            # batch's mean token loss accumulate over its rows. Measured on 2 cores (quick teacher, bf16): the
+            # batch right-padded into one pass, which needs no mask either, ran at 0.77x the speed of this loop
             n_batch = sum(sum(label != IGNORE for label in encoded[i][1][1:]) for i in batch)
             total_loss = 0.0
             for i in batch:
