@@ -103,9 +103,9 @@ def correction_examples(records: Iterable[dict], per_episode: int) -> list[ChatE
     for record in records:
         if record.get("error"):
             continue
-        fixes = [(k, step, history) for k, step, history in _turns(record)
-                 if step.get("expert") and step["action"] != step["expert"]["action"]][:per_episode]
-        for k, step, history in fixes:
+        fixes = [(step, history) for _, step, history in _turns(record)
+                 if step.get("expert") and not agrees(step)][:per_episode]
+        for step, history in fixes:
             answer = fmt.format_action(step["expert"]["action"], step["expert"]["thought"])
             out.append(ChatExample(history + [{"role": "assistant", "content": answer}], [len(history)]))
     return out

@@ -127,8 +127,10 @@ def student_rollouts(study: Study) -> dict[str, Any]:
 def student_pool(study: Study) -> dict[str, Any]:
     """The warm student on the pool games at the training rollout temperature, ``data.dagger_plays`` times each
     (expert labels on): the states distillation visits, whose mistakes the expert corrects for the teacher."""
+    from sage_opd.config import RolloutConfig
+
     cfg = study.cfg
-    temperature = cfg.train.get("rollout", {}).get("temperature", 1.0)
+    temperature = cfg.train.get("rollout", {}).get("temperature", RolloutConfig.temperature)
     records = D.play(study.student_path, cfg.envs.train, study.games()["pool"], study.data_dir("student-pool"),
                      seeds=range(cfg.data.dagger_plays), workers=cfg.eval.workers, max_turns=cfg.envs.max_turns,
                      decoding=Decoding(temperature=temperature, max_new_tokens=cfg.eval.max_new_tokens))

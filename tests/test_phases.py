@@ -237,7 +237,8 @@ def test_lr_schedule_warms_up_then_holds_or_decays_to_zero():
     assert [lr_factor(s, 4, 10, "constant") for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     cosine = [lr_factor(s, 4, 10, "cosine") for s in range(12)]
     assert cosine[:4] == [0.25, 0.5, 0.75, 1.0] and cosine[7] == pytest.approx(0.5)  # halfway from step 4 to 10
-    assert cosine[4] == 1.0 and all(a > b for a, b in zip(cosine[4:10], cosine[5:11])) and cosine[10] == cosine[11] == pytest.approx(0.0)
+    assert cosine[4] == 1.0 and all(a > b for a, b in zip(cosine[4:10], cosine[5:11]))
+    assert cosine[10] == cosine[11] == pytest.approx(0.0)
     assert lr_factor(0, 0, 10, "cosine") == 1.0 and lr_factor(5, 0, 10, "cosine") == pytest.approx(0.5)
 
 
