@@ -57,6 +57,8 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(TINY, ["optim.steps=ten"])
     with pytest.raises(ConfigError, match="loss.intervention must be one of judge, all, random, inverted"):
         load_config(TINY, ["loss.intervention=oracle"])
+    with pytest.raises(ConfigError, match="optim.lr_schedule must be one of constant, cosine; got 'linear'"):
+        load_config(TINY, ["optim.lr_schedule=linear"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("algorithm: opd\nrollout:\n  episodes: 4\n")
     with pytest.raises(ConfigError, match=r"rollout\.episodes'.*episodes_per_step"):
