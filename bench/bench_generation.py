@@ -19,9 +19,9 @@ are played with the same seeded decoding and the hf backend:
     .venv/bin/python bench/bench_generation.py --model tiny --hidden 256 --layers 4
 
 Env steps are played once up front and replayed (the gym's feedback for invalid turns does not
-depend on the response text), so the numbers time generation alone. Like ``sage``, the benchmark
-runs OpenMP with ``OMP_WAIT_POLICY=PASSIVE`` unless it is set: spinning threads on a shared CPU
-slow generation down several times (``bench/bench_omp_wait.py``).
+depend on the response text), so the numbers time generation alone. It prints the OpenMP wait
+policy it ran with: set ``OMP_WAIT_POLICY=PASSIVE`` on a CPU shared with other busy jobs
+(``bench/bench_omp_wait.py``).
 """
 
 from __future__ import annotations
@@ -30,12 +30,10 @@ import argparse
 import os
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads (as the sage command does)
+import torch
 
-import torch  # noqa: E402
-
-from sage_models import HFPolicy, load_policy  # noqa: E402
-from sage_models.policy import Decoding  # noqa: E402
+from sage_models import HFPolicy, load_policy
+from sage_models.policy import Decoding
 
 
 def tiny_model(hidden: int, layers: int):
@@ -115,7 +113,8 @@ def main() -> None:
     chats, stop = starts(args.live)
     decoding = Decoding(temperature=1.0, max_new_tokens=args.max_new_tokens)
     print(f"{args.live} ALFWorld unseen games x {args.turns} turns, {args.model} ({params / 1e6:.1f}M params), "
-          f"{args.max_new_tokens} new tokens, {args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+          f"{args.max_new_tokens} new tokens, {args.threads} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
           f"load average {os.getloadavg()[0]:.1f}")
     play(HFPolicy(model=net, tokenizer=tokenizer), chats, stop, 2, decoding, False)  # warm-up
     k = min(args.full_prefill_episodes, args.live)

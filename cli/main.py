@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
-# OpenMP threads that sleep while they wait instead of spinning: on a CPU shared with other jobs,
-# spinning threads made generation 5x slower (bench/bench_omp_wait.py). Set before torch loads;
-# an explicit OMP_WAIT_POLICY wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import typer
+from rich.console import Console
+from rich.markup import escape
 
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.markup import escape  # noqa: E402
-
-from sage_gym.errors import SageError  # noqa: E402
+from sage_gym.errors import SageError
 
 app = typer.Typer(help="SAGE: multi-turn text-agent gym, evaluation service and SAGE-OPD trainer.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
