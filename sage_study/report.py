@@ -214,8 +214,8 @@ def write_report(study: Study) -> dict[str, Any]:
                 "intervention_rate": _mean([m.get("intervention_rate") for m in steps]),
                 "short_circuit": {r: sum(m.get(f"short_circuit/{r}", 0) for m in steps)
                                   for r in ("empty", "unparseable", "schema_violation")},
-                "rollout_success_first": _mean([run[0].get("rollout_success") for run in runs if run]),
-                "rollout_success_last": _mean([run[-1].get("rollout_success") for run in runs if run]),
+                "rollout_success_first": _mean([rollout_success(run, last=False) for run in runs if run]),
+                "rollout_success_last": _mean([rollout_success(run, last=True) for run in runs if run]),
                 "no_update_steps": sum(m.get("no_update", 0) for m in steps)}
     stages = {name: rec.get("seconds") for name, rec in _stage_records(study).items()}
     results = {"profile": cfg.profile, "config": cfg.to_dict(), "panels": panels, "table": table,
@@ -237,6 +237,13 @@ def _episodes_by_panel(study: Study, name: str) -> dict[str, list[dict]]:
 
 def _stage_records(study: Study) -> dict[str, dict]:
     return {p.stem.replace("__", "/"): json.loads(p.read_text()) for p in sorted(study.stage_dir.glob("*.json"))}
+
+
+def rollout_success(steps: list[dict], last: bool) -> float | None:
+    """Mean rollout success over a run's first (or last) quarter of steps, at least one: a single step's few
+    episodes are too noisy to show a trend."""
+    k = max(1, len(steps) // 4)
+    return _mean([m.get("rollout_success") for m in (steps[-k:] if last else steps[:k])])
 
 
 def _mean(values) -> float | None:
@@ -328,7 +335,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     if r["training"]:
         lines += ["", "## Training", "",
                   "| method | s/step | judge calls | intervention rate | short circuits (empty/unparseable/schema) "
-                  "| rollout success first -> last | steps without update |", "|---|---|---|---|---|---|---|"]
+                  "| rollout success, first -> last quarter of steps | steps without update |",
+                  "|---|---|---|---|---|---|---|"]
         for name, t in r["training"].items():
             sc = t["short_circuit"]
             lines.append(f"| {name} | {t['seconds_per_step']:.1f} | {t['judge_calls']} | "

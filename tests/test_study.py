@@ -232,3 +232,13 @@ def test_study_episodes_come_in_one_order_whatever_order_the_workers_finished_in
     assert orders[0] == orders[1] == sorted(orders[0])
     examples = [D.imitation_examples(D.episodes(tmp_path / name)) for name in ("one", "other")]
     assert examples[0] == examples[1]
+
+
+def test_rollout_success_averages_a_quarter_of_the_steps_not_one():
+    from sage_study.report import rollout_success
+
+    steps = [{"rollout_success": v} for v in (0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 1.0, 0.0)]
+    # one step at each end would read 0 -> 0; the first and last quarters (2 steps) read 0.5 -> 0.5
+    assert rollout_success(steps, last=False) == 0.5 and rollout_success(steps, last=True) == 0.5
+    short = [{"rollout_success": 0.25}, {"rollout_success": 1.0}, {}]
+    assert rollout_success(short, last=False) == 0.25 and rollout_success(short, last=True) is None
