@@ -345,6 +345,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                          f"{t['no_update_steps']} |")
     lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in r["stage_seconds"].items()]
+    lines.append(f"| total | {sum(v or 0 for v in r['stage_seconds'].values()):.1f} |")
     lines += ["", "## Figures", ""] + [f"![{f}]({PLOTS}/{f})" for f in r["figures"]]
     return "\n".join(lines) + "\n"
 

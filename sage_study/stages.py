@@ -241,7 +241,7 @@ def train_run(study: Study, method: MethodConfig, seed: int) -> dict[str, Any]:
     cfg = train_config(study, method, seed)
     trainer = Trainer(cfg, resume=Path(cfg.log.out_dir).exists())  # the study owns the folder: continue it
     with _StepBar(f"train {method.name} seed {seed}", total=cfg.optim.steps, done=trainer.step) as bar:
-        history = trainer.train(on_step=lambda m: bar.update(m["step"] + 1, cfg.optim.steps, m.get("loss")))
+        history = trainer.train(on_step=lambda m: bar.update(m["step"], cfg.optim.steps, m.get("loss")))
     steps = [m["time/step"] for m in history]
     return {"steps": cfg.optim.steps, "seconds_per_step": sum(steps) / len(steps) if steps else None}
 

@@ -83,6 +83,7 @@ def test_every_stage_is_recorded_and_a_rerun_resumes_nothing(quick):
     stages = json.loads((out / "results.json").read_text())["stage_seconds"]
     assert {"expert", "teacher", "student_warm", "train/opd/0", "train/sage_opd/0", "eval/sage_opd/0"} <= set(stages)
     assert (out / "report.md").read_text().count("| sage_opd |") >= 1 and (out / "plots" / "learning-curves.png").is_file()
+    assert f"| total | {sum(stages.values()):.1f} |" in (out / "report.md").read_text()
     assert f"Written by `sage study --config {ROOT / 'configs/study/alfworld_cpu.yaml'} --profile quick" in \
         (out / "report.md").read_text()  # the exact command, for whoever reads the report
     again = subprocess.run([SAGE, "study", "--config", str(ROOT / "configs/study/alfworld_cpu.yaml"), "--profile",
