@@ -90,7 +90,8 @@ class SftResult:
     copy_seconds: float = 0.0
 
 
-def copy_warmup(model, texts: Sequence[Sequence[int]], cfg: SftConfig, sep: int) -> float:
+def copy_warmup(model, texts: Sequence[Sequence[int]], cfg: SftConfig, sep: int,
+                on_step: Callable[[int, int, float], None] | None = None) -> float:
     """Teach a model trained from scratch to copy from its context before it imitates anything.
 
     Each row is a random span (24-96 tokens) of the training chats followed by a separator and the
@@ -106,7 +107,7 @@ def copy_warmup(model, texts: Sequence[Sequence[int]], cfg: SftConfig, sep: int)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     model.train()
-    for _ in range(cfg.copy_steps):
+    for step in range(1, cfg.copy_steps + 1):
         rows = []
         for _ in range(cfg.copy_batch):
             ids = rng.choice(texts)
@@ -125,6 +126,8 @@ def copy_warmup(model, texts: Sequence[Sequence[int]], cfg: SftConfig, sep: int)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step(step, cfg.copy_steps, float(loss.detach()))
     return time.perf_counter() - start
 
 
@@ -145,8 +148,10 @@ def batches(lengths: Sequence[int], batch_tokens: int, rng: random.Random) -> li
 
 
 def train_sft(model, tokenizer, examples: Sequence[ChatExample], cfg: SftConfig,
-              on_step: Callable[[int, int, float], None] | None = None) -> SftResult:
-    """Fine-tune ``model`` in place on ``examples``; ``on_step(step, total_steps, loss)`` reports progress."""
+              on_step: Callable[[int, int, float], None] | None = None,
+              on_copy_step: Callable[[int, int, float], None] | None = None) -> SftResult:
+    """Fine-tune ``model`` in place on ``examples``; ``on_step(step, total_steps, loss)`` reports progress
+    (``on_copy_step`` the same for the copying warm-up first, if ``cfg.copy_steps``)."""
     import time
 
     start = time.perf_counter()
@@ -158,7 +163,8 @@ def train_sft(model, tokenizer, examples: Sequence[ChatExample], cfg: SftConfig,
     if not encoded:
         raise ValueError(f"no training example fits in max_len={cfg.max_len} tokens")
     if cfg.copy_steps:
-        result.copy_seconds = copy_warmup(model, [ids for ids, _ in encoded], cfg, tokenizer.eos_token_id)
+        result.copy_seconds = copy_warmup(model, [ids for ids, _ in encoded], cfg, tokenizer.eos_token_id,
+                                          on_copy_step)
     lengths = [len(ids) for ids, _ in encoded]
     per_epoch = len(batches(lengths, cfg.batch_tokens, random.Random(0)))
     total = max(1, math.ceil(per_epoch * cfg.epochs))

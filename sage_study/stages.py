@@ -100,7 +100,8 @@ def _sft(study: Study, which: str, examples: list, dest: str) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(study.tokenizer_path)
     model = new_model(tokenizer, spec.arch, seed=spec.sft.seed)
     with _StepBar(f"{which} SFT") as bar:
-        result = train_sft(model, tokenizer, examples, spec.sft, on_step=bar.update)
+        result = train_sft(model, tokenizer, examples, spec.sft, on_step=bar.update,
+                           on_copy_step=lambda *a: bar.update(*a, phase=f"{which} copying warm-up"))
     save_model(model, tokenizer, dest)
     return {"params": count_params(model), "examples": len(examples), "steps": result.steps,
             "tokens_trained": result.tokens_trained, "dropped": result.dropped, "epoch_losses": result.losses,
@@ -263,7 +264,9 @@ def report(study: Study) -> dict[str, Any]:
 
 class _StepBar:
     """Progress of a loop of steps (``update(step, total, loss)``): a rich bar with ETA on a terminal, a plain
-    line at most every ``every`` seconds (and at the end) when the output goes to a log."""
+    line at most every ``every`` seconds (and at the end) when the output goes to a log. ``update(..., phase=label)``
+    reports a phase before the main loop (a warm-up): each phase gets its own bar, and its ETA counts only its own
+    steps and time."""
 
     def __init__(self, label: str, total: int | None = None, done: int = 0, every: float = 10.0):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
@@ -271,13 +274,21 @@ class _StepBar:
 
         from sage_study.driver import console
 
-        self.label, self.every, self.console = label, every, console
+        self.main, self.every, self.console = label, every, console
         self.plain = not console.is_terminal
-        self.start = self.shown = time.perf_counter()
-        self.first = done
-        self.progress = Progress(TextColumn(f"[bold blue]{label}"), BarColumn(), MofNCompleteColumn(),
+        self.progress = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
                                  console=console)
+        self.last, self.task = time.perf_counter(), None
+        self._phase(label, total, done)
+
+    def _phase(self, label: str, total: int | None, done: int) -> None:
+        """Start a phase: its clock starts where the previous phase's last step ended (or now); a bar that never
+        moved (the main one, before a warm-up) makes way."""
+        if self.task is not None and not self.moved:
+            self.progress.remove_task(self.task)
+        self.label, self.first, self.start, self.moved = label, done, self.last, False
+        self.shown = time.perf_counter()
         self.task = self.progress.add_task(label, total=total, completed=done, status="")
 
     def __enter__(self) -> _StepBar:
@@ -285,12 +296,14 @@ class _StepBar:
             self.progress.start()
         return self
 
-    def update(self, step: int, total: int, loss: float | None = None) -> None:
-        status = f"loss {loss:.4f}" if loss is not None else ""
+    def update(self, step: int, total: int, loss: float | None = None, phase: str | None = None) -> None:
+        if (phase or self.main) != self.label:
+            self._phase(phase or self.main, total, 0)
+        now, status = time.perf_counter(), f"loss {loss:.4f}" if loss is not None else ""
+        self.last, self.moved = now, True
         if not self.plain:
             self.progress.update(self.task, completed=step, total=total, status=status)
             return
-        now = time.perf_counter()
         if now - self.shown < self.every and step < total:
             return
         self.shown, elapsed = now, now - self.start

@@ -242,3 +242,27 @@ def test_rollout_success_averages_a_quarter_of_the_steps_not_one():
     assert rollout_success(steps, last=False) == 0.5 and rollout_success(steps, last=True) == 0.5
     short = [{"rollout_success": 0.25}, {"rollout_success": 1.0}, {}]
     assert rollout_success(short, last=False) == 0.25 and rollout_success(short, last=True) is None
+
+
+def test_progress_eta_of_a_phase_counts_only_its_own_steps(monkeypatch):
+    import io
+    import time
+
+    from rich.console import Console
+
+    from sage_study.stages import _StepBar
+
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    bar = _StepBar("teacher SFT", every=0.0)
+    bar.plain, bar.console = True, Console(file=io.StringIO(), width=200)
+    for step in range(1, 11):  # a 10-step copying warm-up, 1 s a step
+        now[0] = float(step)
+        bar.update(step, 10, 1.0, phase="teacher copying warm-up")
+    for step in (1, 2):  # then SFT steps of 2 s each
+        now[0] = 10.0 + 2 * step
+        bar.update(step, 100, 0.5)
+    lines = bar.console.file.getvalue().splitlines()
+    assert lines[9].startswith("teacher copying warm-up: step 10/10")
+    # 2 SFT steps in the 4 s since the warm-up ended: 98 steps left at 0.5 step/s (counting the warm-up: 686 s)
+    assert lines[-1] == "teacher SFT: step 2/100 loss 0.5000 (4 s, about 196 s left)"
