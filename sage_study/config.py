@@ -56,10 +56,6 @@ class ModelConfig:
 
     path: str | None = None
     arch: Arch = field(default_factory=Arch)
-    # built models only: start from the first ``init_layers`` blocks of a pretrained Llama (``smollm2-135m``, the
-    # embedded model, or a folder) with its embeddings mapped onto the study's tokenizer; ``arch`` is then unused
-    init: str | None = None
-    init_layers: int = 8
     sft: SftConfig = field(default_factory=SftConfig)
     swaps: int = 3  # object-renamed copies of each imitation episode (data.swap_object): they teach copying the task
     judge_share: float = 0.5  # teacher only: judgment examples per imitation example (before balancing)

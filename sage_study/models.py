@@ -55,46 +55,5 @@ def new_model(tokenizer, arch: Arch, seed: int):
     return build_model(tokenizer, "student", seed=seed, **vars(arch))
 
 
-def transplant(tokenizer, source: str, layers: int):
-    """A Llama made of the first ``layers`` blocks (and the final norm) of the pretrained model in folder ``source``,
-    over ``tokenizer``'s vocabulary: each token's embedding starts as the mean of the source's input embeddings of
-    the token's text as the source's tokenizer splits it. The output head is separate and starts at zero: the
-    truncated stack's last hidden states are not the source's output space, and a tied head read them as logits of
-    20-30 nats of loss whose first gradients broke the pretrained blocks; a zero head starts at the uniform
-    distribution.
-
-    Why: Llamas trained from scratch on a few million tokens of ALFWorld learnt the expert's phrasing but not to
-    read their context (four teachers, docs/study.md); pretrained blocks bring attention that already copies and
-    looks things up, and the study's small vocabulary keeps the model small."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    src = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    if src.config.model_type != "llama":
-        raise ValueError(f"teacher.init needs a Llama model folder; {source} holds a {src.config.model_type!r} model")
-    if not 1 <= layers <= src.config.num_hidden_layers:
-        raise ValueError(f"init_layers={layers}: {source} has {src.config.num_hidden_layers} blocks; "
-                         f"choose 1-{src.config.num_hidden_layers}")
-    src_tok = AutoTokenizer.from_pretrained(source)
-    fields = {k: v for k, v in src.config.to_dict().items() if k in LlamaConfig().to_dict()}
-    config = LlamaConfig(**{**fields, "num_hidden_layers": layers, "vocab_size": len(tokenizer),
-                            "tie_word_embeddings": False, "eos_token_id": tokenizer.eos_token_id,
-                            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None})
-    model = LlamaForCausalLM(config)
-    kept = {k: v for k, v in src.state_dict().items()
-            if not k.startswith(("model.embed_tokens.", "lm_head.", "model.layers."))
-            or (k.startswith("model.layers.") and int(k.split(".")[2]) < layers)}
-    missing, unexpected = model.load_state_dict(kept, strict=False)
-    if unexpected or set(missing) - {"model.embed_tokens.weight", "lm_head.weight"}:
-        raise ValueError(f"{source}'s weights do not fit a Llama: missing {missing}, unexpected {unexpected}")
-    table = src.get_input_embeddings().weight.detach()
-    with torch.no_grad():
-        for token in range(len(tokenizer)):
-            ids = src_tok(tokenizer.decode([token]), add_special_tokens=False)["input_ids"]
-            model.get_input_embeddings().weight[token] = table[ids].mean(0) if ids else table.mean(0)
-        model.get_output_embeddings().weight.zero_()
-    return model.eval()
-
-
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -93,17 +93,12 @@ def train_tokenizer(study: Study) -> dict[str, Any]:
 def _sft(study: Study, which: str, examples: list, dest: str) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from sage_study.models import count_params, new_model, transplant
+    from sage_study.models import count_params, new_model
     from sage_study.sft import save_model, train_sft
 
     spec = getattr(study.cfg, which)
     tokenizer = AutoTokenizer.from_pretrained(study.tokenizer_path)
-    if spec.init:
-        from sage_models.loading import SMOLLM2, smollm2_path
-
-        model = transplant(tokenizer, str(smollm2_path() if spec.init == SMOLLM2 else spec.init), spec.init_layers)
-    else:
-        model = new_model(tokenizer, spec.arch, seed=spec.sft.seed)
+    model = new_model(tokenizer, spec.arch, seed=spec.sft.seed)
     with _StepBar(f"{which} SFT") as bar:
         result = train_sft(model, tokenizer, examples, spec.sft, on_step=bar.update,
                            on_copy_step=lambda *a: bar.update(*a, phase=f"{which} copying warm-up"))

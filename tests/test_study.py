@@ -266,29 +266,3 @@ def test_progress_eta_of_a_phase_counts_only_its_own_steps(monkeypatch):
     assert lines[9].startswith("teacher copying warm-up: step 10/10")
     # 2 SFT steps in the 4 s since the warm-up ended: 98 steps left at 0.5 step/s (counting the warm-up: 686 s)
     assert lines[-1] == "teacher SFT: step 2/100 loss 0.5000 (4 s, about 196 s left)"
-
-
-def test_a_transplanted_teacher_keeps_the_sources_first_blocks_and_maps_embeddings_by_text(tiny_models):
-    """teacher.init: the source's first blocks and final norm unchanged, each new token's embedding the mean of the
-    source's embeddings of the same text, the output head at zero (uniform first predictions); a layer count the source lacks is refused."""
-    from sage_study.models import train_tokenizer, transplant
-
-    source = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"])
-    src_tok = AutoTokenizer.from_pretrained(tiny_models["teacher"])
-    tok = train_tokenizer(["You arrive at sidetable 2. On the sidetable 2, you see a keychain 3."] * 50, 300)
-    model = transplant(tok, str(tiny_models["teacher"]), 1)
-    assert model.config.num_hidden_layers == 1 and model.config.vocab_size == len(tok)
-    mine, theirs = model.state_dict(), source.state_dict()
-    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight", "model.norm.weight"):
-        assert torch.equal(mine[name], theirs[name])
-    table, emb = source.get_input_embeddings().weight, model.get_input_embeddings().weight
-    seen_multi = False
-    for token in range(len(tok)):
-        ids = src_tok(tok.decode([token]), add_special_tokens=False)["input_ids"]
-        assert ids and torch.allclose(emb[token], table[ids].mean(0), atol=1e-6)
-        seen_multi |= len(ids) > 1
-    assert seen_multi  # some tokens are split by the source's tokenizer: their rows are means, not copies
-    head = model.get_output_embeddings().weight
-    assert head.data_ptr() != emb.data_ptr() and not head.any()
-    with pytest.raises(ValueError, match="choose 1-2"):
-        transplant(tok, str(tiny_models["teacher"]), 3)
