@@ -142,7 +142,7 @@ def test_study_config_profiles_overrides_and_errors(tmp_path):
     assert full.profile == "full" and quick.profile == "quick" and quick.out_dir != full.out_dir
     assert quick.data.expert < full.data.expert and quick.eval.seeds == [0, 1]
     # the quick profile's optim block is merged into the full one's, not replaced: grad_accum comes from full
-    assert quick.train["optim"] == {**full.train["optim"], "steps": 3, "lr": 1e-3, "warmup_steps": 5}
+    assert quick.train["optim"] == {**full.train["optim"], "steps": 3, "lr": 5e-4, "warmup_steps": 5}
     assert "grad_accum" in quick.train["optim"]
     assert {m.name for m in full.methods} >= {"opd", "sage_opd", "guided_opd", "sft"}
     with pytest.raises(ConfigError, match="Unknown profile 'nope'.*quick"):
