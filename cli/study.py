@@ -10,7 +10,8 @@ import typer
 
 def study(
     config: Path = typer.Option(..., "--config", "-c", help="A study config (see configs/study/)."),
-    profile: Optional[str] = typer.Option(None, help="A profile of the config: quick (minutes) or full (hours)."),
+    profile: Optional[str] = typer.Option(
+        None, help="A profile of the config, e.g. quick (minutes); default: the config's own (full)."),
     overrides: List[str] = typer.Argument(None, help="Dotted key=value overrides, e.g. eval.seeds=[0] out_dir=runs/x"),
     only: List[str] = typer.Option(None, "--only", help="Run only the stages whose name starts with this (repeatable)."),
     publish: Optional[Path] = typer.Option(None, help="Also copy the report (markdown and plots) to this .md file."),
