@@ -307,10 +307,12 @@ def render_markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {c['model']} | {c['panel']} | {c['n_games']} | {_fmt(c['diff'])} | "
                          f"[{_fmt(c['ci95'][0])}, {_fmt(c['ci95'][1])}] | {c['p_sign_flip']:.3g} | "
                          f"{_fmt(c['mcnemar_p_min'], pct=False, digits=3)} |")
+        won = {(row["model"], row["panel"]) for row in r["table"] if row["summary"].get("success")}
         typed = [(c, kind, t) for c in r["comparisons"] for kind, t in (c.get("by_task_type") or {}).items()
-                 if t.get("n_games")]
+                 if t.get("n_games") and {(c["model"], c["panel"]), (cfg["baseline"], c["panel"])} & won]
         if typed:
-            lines += ["", "Per task type (same tests, on the games of that type):", "",
+            lines += ["", "Per task type (same tests, on the games of that type; panels on which neither the method "
+                      "nor the baseline won an episode are left out):", "",
                       "| method | panel | task type | games | diff (pts) | 95% CI | sign-flip p |",
                       "|---|---|---|---|---|---|---|"]
             lines += [f"| {c['model']} | {c['panel']} | {kind} | {t['n_games']} | {_fmt(t['diff'])} | "

@@ -268,3 +268,29 @@ def test_progress_eta_of_a_phase_counts_only_its_own_steps(monkeypatch):
     assert lines[9].startswith("teacher copying warm-up: step 10/10")
     # 2 SFT steps in the 4 s since the warm-up ended: 98 steps left at 0.5 step/s (counting the warm-up: 686 s)
     assert lines[-1] == "teacher SFT: step 2/100 loss 0.5000 (4 s, about 196 s left)"
+
+
+def test_the_report_leaves_out_task_types_of_panels_that_neither_side_won():
+    from sage_study.report import render_markdown
+
+    def summary(success):
+        return {"n_games": 2, "success": success, "ci95": [0.0, success], "std_over_seeds": 0.0, "std_over": "training seeds",
+                "invalid_rate": 0.0, "turns_mean": 5.0}
+
+    def comparison(model, panel, diff):
+        t = {"n_games": 1, "diff": diff, "ci95": [diff, diff], "p_sign_flip": 1.0}
+        return {"model": model, "panel": panel, "n_games": 2, "diff": diff, "ci95": [diff, diff], "p_sign_flip": 1.0,
+                "mcnemar_p_min": 1.0, "by_task_type": {"pick_and_place_simple": t, "look_at_obj_in_light": t}}
+
+    cfg = {"baseline": "opd", "envs": {"train": "alfworld-train", "seen": "alfworld-seen", "max_turns": 12},
+           "eval": {"seeds": [0], "temperature": 0.4, "max_new_tokens": 48, "seen_limit": 2, "pool_limit": 2}}
+    table = [{"model": m, "panel": p, "summary": summary(s)}
+             for m, p, s in [("opd", "seen", 0.0), ("sage_opd", "seen", 0.0), ("opd", "pool", 0.5), ("sage_opd", "pool", 0.0)]]
+    r = {"profile": "full", "config": cfg, "panels": ["seen", "pool"], "table": table,
+         "comparisons": [comparison("sage_opd", "seen", 0.0), comparison("sage_opd", "pool", -0.5)],
+         "judge": {}, "training": {}, "stage_seconds": {}, "figures": [], "version": "0", "commit": None}
+    md = render_markdown(r)
+    typed = md[md.index("Per task type"):md.index("## The judge")]
+    # the seen panel, which neither model won, keeps its headline row but has no per-type rows; the pool keeps both
+    assert "| sage_opd | seen | 2 | 0.0 |" in md
+    assert "| sage_opd | seen | pick" not in typed and typed.count("| sage_opd | pool |") == 2
