@@ -129,8 +129,10 @@ def _plot_curves(study: Study, out: Path) -> list[str]:
 
     panels = [("rollout_success", "rollout success (training batch)"), ("kl", "token reverse KL to the teacher"),
               ("intervention_rate", "intervention rate (sage_opd variants)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
-    for method in study.cfg.methods:
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 2, 3.6))
+    for i, method in enumerate(study.cfg.methods):
+        # one colour and line style per method in every panel (a panel skips methods without that metric)
+        style = {"color": plt.get_cmap("tab10")(i % 10), "linestyle": ("-", "--", ":")[i // 10 % 3]}
         runs = [_metrics(study.run_dir(method.name, s)) for s in method.seeds]
         for ax, (key, title) in zip(axes, panels):
             by_step: dict[int, list[float]] = defaultdict(list)
@@ -140,11 +142,11 @@ def _plot_curves(study: Study, out: Path) -> list[str]:
                         by_step[m["step"]].append(m[key])
             if by_step:
                 steps = sorted(by_step)
-                ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], label=method.name, marker=".")
+                ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], label=method.name, marker=".", **style)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("step")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 1 - 2 / (5 * len(panels) + 2), 1))
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / "learning-curves.png", dpi=110)
     plt.close(fig)
