@@ -158,14 +158,16 @@ def judge_examples(labelled: Iterable[tuple[JudgeTurn, Any]], history_messages: 
             for turn, y in labelled]
 
 
-def balance(labelled: list[tuple[JudgeTurn, Any]], seed: int) -> list[tuple[JudgeTurn, Any]]:
-    """Downsample the majority side so that turns to correct (Yes; graded: Weak or Strong) and turns to leave
-    alone (No; graded: Skip) are equally frequent (seeded)."""
+def balance(labelled: list[tuple[JudgeTurn, Any]], seed: int, limit: int | None = None) -> list[tuple[JudgeTurn, Any]]:
+    """At most ``limit`` turns, as many to correct (Yes; graded: Weak or Strong) as to leave alone (No; graded:
+    Skip), sampled and shuffled with ``seed``: the majority side is downsampled, and a limit halves both sides."""
     yes = [x for x in labelled if x[1] not in (False, "Skip")]
     no = [x for x in labelled if x[1] in (False, "Skip")]
     rng = random.Random(seed)
-    n = min(len(yes), len(no))
-    return rng.sample(yes, n) + rng.sample(no, n)
+    n = min(len(yes), len(no), len(labelled) if limit is None else limit // 2)
+    kept = rng.sample(yes, n) + rng.sample(no, n)
+    rng.shuffle(kept)
+    return kept
 
 
 def corpus(records: Iterable[dict]) -> Iterable[str]:

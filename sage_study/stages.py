@@ -154,12 +154,12 @@ def train_teacher(study: Study) -> dict[str, Any]:
     corrections = (D.correction_examples(_records(study, "student-pool"), cfg.data.dagger_turns)
                    if cfg.data.dagger_plays else [])
     judged = set(games["noisy"]) | set(games["judge"]) | (set(games["pool"]) if cfg.data.noisy_pool else set())
-    labelled = D.balance(_judge_data(study, judged), cfg.data.seed)
-    labelled = labelled[:int(cfg.teacher.judge_share * len(imitation))]
+    limit = int(cfg.teacher.judge_share * len(imitation))
+    labelled = D.balance(_judge_data(study, judged), cfg.data.seed, limit)
     examples = imitation + corrections + D.judge_examples(labelled, _history_messages(study))
     graded = []
     if cfg.teacher.graded_judge:
-        graded = D.balance(_judge_data(study, judged, graded=True), cfg.data.seed)[:len(labelled)]
+        graded = D.balance(_judge_data(study, judged, graded=True), cfg.data.seed, limit)
         examples += D.judge_examples(graded, _history_messages(study), graded=True)
     info = _sft(study, "teacher", examples, study.teacher_path)
     return {**info, "imitation_examples": len(imitation), "correction_examples": len(corrections),

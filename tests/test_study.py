@@ -294,3 +294,15 @@ def test_the_report_leaves_out_task_types_of_panels_that_neither_side_won():
     # the seen panel, which neither model won, keeps its headline row but has no per-type rows; the pool keeps both
     assert "| sage_opd | seen | 2 | 0.0 |" in md
     assert "| sage_opd | seen | pick" not in typed and typed.count("| sage_opd | pool |") == 2
+
+
+def test_a_limited_balance_keeps_both_answers_in_equal_numbers():
+    """The teacher's judgment examples are cut to ``judge_share`` x its imitation examples; a cut of a list with all
+    Yes turns first trained the judge on Yes alone (it then answered Yes to every turn)."""
+    turns = [(f"turn {i}", i % 3 != 0) for i in range(60)]  # 40 Yes, 20 No
+    kept = D.balance(turns, seed=0, limit=10)
+    assert len(kept) == 10 and sum(y for _, y in kept) == 5
+    assert [y for _, y in kept] != sorted((y for _, y in kept), reverse=True)  # shuffled, not all Yes first
+    whole = D.balance(turns, seed=0)
+    assert len(whole) == 40 and sum(y for _, y in whole) == 20 and len({t for t, _ in whole}) == 40
+    assert D.balance(turns, seed=1, limit=10) != kept

@@ -71,6 +71,11 @@ def test_distillation_wins_more_games_than_the_warm_start(quick):
 
 
 def test_the_judge_judges_real_student_turns(quick):
+    """The teacher's judge tells the student's turns apart on real rollouts. Measured on 2026-12-04: AUROC 0.80
+    against the expert's labels, Yes to 64% of turns. A judge trained on Yes answers alone (a bug until then) said
+    Yes to every turn, AUROC 0.42-0.49."""
+    rollouts = quick["results"]["judge"]["rollouts"]
+    assert 0.0 < rollouts["judge_yes_rate"] < 1.0 and rollouts["auroc"] > 0.6, rollouts
     training = quick["results"]["training"]
     assert training["sage_opd"]["judge_calls"] > 0 and training["opd"]["judge_calls"] == 0
     judged = [json.loads(line) for line in (quick["out"] / "runs" / "sage_opd-seed0" / "judge_turns.jsonl")
