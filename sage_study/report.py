@@ -129,7 +129,8 @@ def _plot_curves(study: Study, out: Path) -> list[str]:
 
     panels = [("rollout_success", "rollout success (training batch)"), ("kl", "token reverse KL to the teacher"),
               ("intervention_rate", "intervention rate (sage_opd variants)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 2, 3.6))
+    width, legend_width = 5 * len(panels) + 2, 2  # inches: the panels, then the legend on the right
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 3.6))
     for i, method in enumerate(study.cfg.methods):
         # one colour and line style per method in every panel (a panel skips methods without that metric)
         style = {"color": plt.get_cmap("tab10")(i % 10), "linestyle": ("-", "--", ":")[i // 10 % 3]}
@@ -146,7 +147,7 @@ def _plot_curves(study: Study, out: Path) -> list[str]:
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("step")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=7)
-    fig.tight_layout(rect=(0, 0, 1 - 2 / (5 * len(panels) + 2), 1))
+    fig.tight_layout(rect=(0, 0, 1 - legend_width / width, 1))
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / "learning-curves.png", dpi=110)
     plt.close(fig)
