@@ -143,7 +143,7 @@ def test_study_config_profiles_overrides_and_errors(tmp_path):
     assert quick.data.expert < full.data.expert and quick.eval.seeds == [0, 1]
     # the quick profile's data block is merged into the full one's, not replaced: what it does not name comes from full
     assert (quick.data.pool, full.data.pool) == (6, 12) and quick.data.pool_max_turns == full.data.pool_max_turns == 6
-    assert full.train["optim"]["steps"] == 40 and quick.train["optim"] == {**full.train["optim"], "steps": 3}
+    assert full.train["optim"]["steps"] == 60 and quick.train["optim"] == {**full.train["optim"], "steps": 3}
     assert "grad_accum" in quick.train["optim"]
     assert full.eval.seen_limit and full.eval.unseen_limit and not quick.eval.seen_limit
     assert {m.name for m in full.methods} >= {"opd", "sage_opd", "guided_opd", "sft"}
