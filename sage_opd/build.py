@@ -272,7 +272,7 @@ def build_judge(cfg: TrainConfig, algorithm: Algorithm, loss: LossConfig, teache
 
     return TurnJudge(teacher, tokenizer, JudgeConfig(
         mode=loss.intervention, decision=loss.judge_mode, tau=loss.tau, weak_weight=loss.judge_weak_weight,
-        history_messages=2 * loss.judge_history_turns, seed=cfg.optim.seed))
+        history_messages=2 * loss.judge_history_turns, seed=cfg.optim.seed, floor=loss.judge_floor))
 
 
 @dataclass

@@ -72,6 +72,7 @@ class LossConfig:
     judge_mode: Literal["hard", "soft", "graded", "graded_hard"] = "hard"
     tau: float = 0.5
     judge_weak_weight: float = 0.5
+    judge_floor: float = 0.0  # the least i of a judged turn: 0 is SPEC's objective, f > 0 keeps OPD at f on skipped turns
     judge_history_turns: int = 4
     confidence: Literal["entropy", "maxprob", "none"] = "entropy"
     normalization: Literal["preserve", "none", "standard"] = "preserve"
@@ -162,6 +163,9 @@ class LogConfig:
     save_every: int = 50
     keep_checkpoints: int = 2
     judge_turns: bool = False  # write judge_turns.jsonl: every judged turn's p_yes and i (and expert label, if any)
+    # log kl/kept, kl/skipped (turns the loss keeps or the judge skips) and kl/expert_same, kl/expert_other (the
+    # student's action is the expert's move or not): one more teacher and student forward pass per step
+    kl_by_turn: bool = False
 
 
 @dataclass
@@ -333,6 +337,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"loss.tau must be in [0, 1], got {cfg.loss.tau}")
     if not 0.0 <= cfg.loss.judge_weak_weight <= 1.0:
         raise ConfigError(f"loss.judge_weak_weight must be in [0, 1], got {cfg.loss.judge_weak_weight}")
+    if not 0.0 <= cfg.loss.judge_floor <= 1.0:
+        raise ConfigError(f"loss.judge_floor must be in [0, 1], got {cfg.loss.judge_floor}")
     if cfg.loss.uld_top_k < 1:
         raise ConfigError(f"loss.uld_top_k must be >= 1, got {cfg.loss.uld_top_k}")
     algorithm = algorithm_for(cfg.algorithm, cfg.sft.source)
@@ -346,6 +352,10 @@ def validate(cfg: TrainConfig) -> None:
                           "sage_opd accepts preserve (sum(w l) / sum(w)) or none (sum(w l) / N)")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
+    if cfg.log.kl_by_turn and (not algorithm.needs_teacher or cfg.teacher.server_url is not None):
+        raise ConfigError("log.kl_by_turn needs an in-process teacher (teacher.path): it scores every turn with the "
+                          f"full vocabulary; algorithm {cfg.algorithm!r} with "
+                          f"{'a teacher server' if cfg.teacher.server_url else 'no teacher'} has none")
     r = cfg.rollout
     if r.sync_every < 1:
         raise ConfigError(f"rollout.sync_every must be >= 1 optimiser step, got {r.sync_every}")

@@ -25,7 +25,8 @@ p_strong; ``graded_hard`` i = (0, weak_weight, 1) of the most probable answer (a
 Modes: ``judge`` (i = the decision); ``all`` (i = 1, no teacher call: standard OPD); ``inverted``
 (i = 1 - the judge's i); ``random`` (the judge runs on the batch to update its running
 intervention rate r = mean judge i over every judged turn so far, this batch included; then
-i ~ Bernoulli(r), independently of the judge's verdicts: a matched-rate control).
+i ~ Bernoulli(r), independently of the judge's verdicts: a matched-rate control). ``floor`` f > 0 raises every
+judged turn's i to at least f (0, the default, is SPEC's objective): turns the judge skips keep OPD at weight f.
 Every mode short-circuits invalid turns (``empty``, ``unparseable``, ``schema_violation``):
 i = 1 with no teacher call. No environment reward or success flag is ever read.
 """
@@ -90,7 +91,7 @@ def judgment_messages(turn: JudgeTurn, history_messages: int, template: str = JU
 @dataclass
 class JudgeConfig:
     """Intervention options: mode (judge/all/random/inverted), decision (hard/soft/graded/graded_hard),
-    threshold of ``hard``, weight of a Weak answer in the graded decisions."""
+    threshold of ``hard``, weight of a Weak answer in the graded decisions, the least i of a judged turn."""
 
     mode: str = "judge"
     decision: str = "hard"
@@ -98,6 +99,7 @@ class JudgeConfig:
     weak_weight: float = 0.5
     history_messages: int = 6  # the most recent history messages shown to the judge
     seed: int = 0
+    floor: float = 0.0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -108,6 +110,8 @@ class JudgeConfig:
             raise ValueError(f"tau must be in [0, 1], got {self.tau}")
         if not 0.0 <= self.weak_weight <= 1.0:
             raise ValueError(f"weak_weight must be in [0, 1], got {self.weak_weight}")
+        if not 0.0 <= self.floor <= 1.0:
+            raise ValueError(f"floor must be in [0, 1], got {self.floor}")
 
     @property
     def graded(self) -> bool:
@@ -226,8 +230,8 @@ class TurnJudge:
             yes = (1.0 - probs[:, 0] if cfg.graded else probs[:, 0]).tolist()
             for k, p, answers, d in zip(judged, yes, probs.tolist(), decisions):
                 p_yes[k], p_answers[k] = p, dict(zip(self.answers, answers))
-                interventions[k] = {"judge": d, "inverted": 1.0 - d,
-                                    "random": float(self.rng.random() < rate)}[cfg.mode]
+                interventions[k] = max(cfg.floor, {"judge": d, "inverted": 1.0 - d,
+                                                   "random": float(self.rng.random() < rate)}[cfg.mode])
         stats = JudgeStats(turns=len(turns), judge_calls=len(judged) if cfg.mode != "all" else 0,
                            short_circuit=dict(shorted),
                            intervention_rate=sum(interventions) / len(turns) if turns else 0.0,

@@ -108,15 +108,28 @@ def micro_batch_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
 
 
 @torch.no_grad()
+def turn_reverse_kl(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                    teacher_weight: torch.Tensor, turn_index: torch.Tensor, n_turns: int,
+                    chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per turn of a batch: (sum of the token reverse KL(p || q) over its response tokens, its number of response
+    tokens), two [n_turns] tensors."""
+    response_mask, row = turn_of_positions(turn_index)
+    s, t = student_hidden[response_mask], teacher_hidden[response_mask]
+    kl = torch.zeros(n_turns, dtype=torch.float32, device=s.device)
+    for i in range(0, s.shape[0], chunk):
+        kl.index_add_(0, row[i:i + chunk],
+                      token_losses(s[i:i + chunk] @ student_weight.T, t[i:i + chunk] @ teacher_weight.T).float())
+    return kl, torch.bincount(row, minlength=n_turns)
+
+
 def reverse_kl_sum(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                    teacher_weight: torch.Tensor, turn_index: torch.Tensor, is_imitated: torch.Tensor,
                    intervention: torch.Tensor, chunk: int) -> float:
     """sum of the token reverse KL(p || q) on distilled, supervised tokens (for logging other token losses)."""
-    response_mask, row = turn_of_positions(turn_index)
-    keep = ~is_imitated[row] & (intervention.to(row.device)[row] > 0)
-    s, t = student_hidden[response_mask][keep], teacher_hidden[response_mask][keep]
-    return float(sum(token_losses(s[i:i + chunk] @ student_weight.T, t[i:i + chunk] @ teacher_weight.T).sum()
-                     for i in range(0, s.shape[0], chunk)))
+    kl, _ = turn_reverse_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, turn_index,
+                            len(is_imitated), chunk)
+    keep = ~is_imitated.to(kl.device) & (intervention.to(kl.device) > 0)
+    return float(kl[keep].sum())
 
 
 @torch.no_grad()

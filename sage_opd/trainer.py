@@ -39,11 +39,11 @@ from sage_models import derive_seed
 from sage_opd.algorithm import algorithm_for
 from sage_opd.build import ModelTooLargeError, build, check_models, resolve_dtype
 from sage_opd.checkpoint import Checkpoints
-from sage_opd.config import TrainConfig, save_config
+from sage_opd.config import ConfigError, TrainConfig, save_config
 from sage_opd.evaluation import evaluate_student
 from sage_opd.loss_phase import LossPhase
 from sage_opd.losses import DenseTeacher
-from sage_opd.objective import reverse_kl_sum
+from sage_opd.objective import turn_reverse_kl
 from sage_opd.optim_phase import optimizer_step
 from sage_opd.parallel import DistInfo, init_distributed
 from sage_opd.records import RolloutBatch, TurnRecord
@@ -79,6 +79,9 @@ class Trainer:
         set_seed(cfg.optim.seed)
         plan = check_models(cfg, self.algorithm, self.dist, dtype)  # teacher path decided, memory checked
         self.xtok = plan.xtok  # None: teacher and student share a tokenizer
+        if cfg.log.kl_by_turn and self.xtok is not None:
+            raise ConfigError("log.kl_by_turn needs a teacher that shares the student's tokenizer; this teacher's "
+                              "differs (cross-tokenizer OPD logs only the shared-vocabulary kl)")
 
         self._lock = FolderLock(self.out_dir, "sage train").acquire() if self.dist.main else None
         self.resumed_from = self.checkpoints.latest() if resume else None  # None: from the start
@@ -114,6 +117,10 @@ class Trainer:
             batch = self.rollouts.collect(step)
         with timer("judge"):
             scores = self.scorer(batch.turns, step)
+        kl_groups = {}
+        if self.cfg.log.kl_by_turn:
+            with timer("kl_by_turn"):
+                kl_groups = self.kl_by_turn(batch.turns, scores)
         try:
             sums = self.losses(batch.turns, scores, timer)
         except torch.OutOfMemoryError as err:
@@ -123,7 +130,7 @@ class Trainer:
         with timer("optim"):
             metrics = optimizer_step(sums, self.student.parameters(), self.optimizer, self.scheduler,
                                      self.loss.normalization, self.cfg.optim.max_grad_norm, self.dist, step)
-            metrics.update(step=step + 1, **batch_counts(batch, scores, self.dist))  # steps done, as in step-N
+            metrics.update(step=step + 1, **batch_counts(batch, scores, self.dist), **kl_groups)  # steps done
         if self.algorithm.writer == "guided":
             metrics["beta"] = self.algorithm.teacher_prob(step, self.cfg.optim.steps, self.cfg.guided.rho)
         metrics.update(self.rollouts.metrics(step))
@@ -164,25 +171,60 @@ class Trainer:
     def token_kl(self, turns: list[TurnRecord], batch_size: int = 8) -> float:
         """Mean reverse KL(student || teacher) per response token over ``turns`` (e.g. held-out turns); across
         tokenizers, on the shared vocabulary over the tokens of one-to-one spans."""
+        if self.xtok is None:
+            kl, tokens = self.turn_kl(turns, batch_size)
+            return float(kl.sum()) / max(int(tokens.sum()), 1)
         total, count, student, device = 0.0, 0, self.student, self.dist.device
         turns = [t for t in turns if t.token_ids]
         for lo in range(0, len(turns), batch_size):
             part = turns[lo:lo + batch_size]
             batch = make_batch(part, student.pad_id, device)
             teacher, span = teacher_scores(self.teacher, batch, student.vocab, part, self.xtok)
-            if not isinstance(teacher, (DenseTeacher, AlignedTeacher)):
+            if not isinstance(teacher, AlignedTeacher):
                 raise SageError("token_kl needs an in-process teacher (full vocabulary)")
             s_hidden, s_weight = student.hidden(batch)
-            if isinstance(teacher, AlignedTeacher):
-                kl, n = shared_vocab_kl(s_hidden[batch.response_mask], s_weight[:student.vocab], span, teacher,
-                                        self.loss.chunk_tokens)
-                total, count = total + kl, count + n
-                continue
-            total += reverse_kl_sum(s_hidden, s_weight[:student.vocab], teacher.hidden, teacher.weight,
-                                    batch.turn_index, torch.zeros(len(part), dtype=torch.bool, device=device),
-                                    torch.ones(len(part), device=device), self.loss.chunk_tokens)
-            count += batch.num_response_tokens
+            kl, n = shared_vocab_kl(s_hidden[batch.response_mask], s_weight[:student.vocab], span, teacher,
+                                    self.loss.chunk_tokens)
+            total, count = total + kl, count + n
         return total / max(count, 1)
+
+    @torch.no_grad()
+    def turn_kl(self, turns: list[TurnRecord], batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per turn of ``turns``: (sum of the token reverse KL(student || teacher), response tokens), two CPU
+        tensors; needs an in-process teacher that shares the student's tokenizer."""
+        student, device = self.student, self.dist.device
+        kl, tokens = torch.zeros(len(turns)), torch.zeros(len(turns), dtype=torch.long)
+        scored = [k for k, t in enumerate(turns) if t.token_ids]
+        for lo in range(0, len(scored), batch_size):
+            index = scored[lo:lo + batch_size]
+            part = [turns[k] for k in index]
+            batch = make_batch(part, student.pad_id, device)
+            teacher, _ = teacher_scores(self.teacher, batch, student.vocab, part, None)
+            if not isinstance(teacher, DenseTeacher):
+                raise SageError("turn_kl needs an in-process teacher (full vocabulary) that shares the student's "
+                                "tokenizer")
+            s_hidden, s_weight = student.hidden(batch)
+            part_kl, part_tokens = turn_reverse_kl(s_hidden, s_weight[:student.vocab], teacher.hidden, teacher.weight,
+                                                   batch.turn_index, len(part), self.loss.chunk_tokens)
+            kl[index], tokens[index] = part_kl.cpu(), part_tokens.cpu()
+        return kl, tokens
+
+    def kl_by_turn(self, turns: list[TurnRecord], scores: Scores) -> dict[str, float | None]:
+        """``log.kl_by_turn``: the mean token KL to the teacher on the step's distilled turns that the loss keeps
+        (i > 0) and skips (i = 0), and on those whose action is the env's expert move or not (envs with expert
+        labels), before the update. Each is None when the step has no such turn (summed over ranks)."""
+        distilled = [(t, i) for t, i, im in zip(turns, scores.interventions, scores.imitated) if not im]
+        kl, tokens = self.turn_kl([t for t, _ in distilled])
+        groups = {"kept": [i > 0 for _, i in distilled], "skipped": [i == 0 for _, i in distilled],
+                  "expert_same": [t.expert_action is not None and t.action == t.expert_action for t, _ in distilled],
+                  "expert_other": [t.expert_action is not None and t.action != t.expert_action for t, _ in distilled]}
+        sums = torch.tensor([[float(kl[torch.tensor(m, dtype=torch.bool)].sum()),
+                              float(tokens[torch.tensor(m, dtype=torch.bool)].sum())] for m in groups.values()],
+                            dtype=torch.float64)
+        if self.dist.world > 1:
+            sums = sums.to(self.dist.device)
+            dist.all_reduce(sums)
+        return {f"kl/{name}": (total / n if n else None) for name, (total, n) in zip(groups, sums.tolist())}
 
     def close(self) -> None:
         self.rollouts.close()

@@ -101,6 +101,10 @@ def test_modes_behave_as_defined(teacher, tok):
     before = teacher.calls
     out, i = run(mode="all")
     assert i == [1.0] * 7 and teacher.calls == before and out.stats.judge_calls == 0
+    _, i = run(mode="judge", decision="hard", floor=0.25)  # skipped turns keep weight 0.25, flagged ones 1
+    assert i == [max(0.25, d) for d in hard] and 0.25 in i
+    _, i = run(mode="judge", decision="soft", floor=0.25)
+    assert i == pytest.approx([max(0.25, x) for x in p], abs=1e-6)
 
 
 def test_random_mode_draws_at_the_judges_running_rate_not_the_batch_rate(teacher, tok):
@@ -137,6 +141,8 @@ def test_config_is_validated():
         JudgeConfig(decision="medium")
     with pytest.raises(ValueError, match="tau"):
         JudgeConfig(tau=1.5)
+    with pytest.raises(ValueError, match=r"floor must be in \[0, 1\], got -0.1"):
+        JudgeConfig(floor=-0.1)
 
 
 def test_prompt_shows_only_the_recent_history(teacher, tok):

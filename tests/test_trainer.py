@@ -72,6 +72,10 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(TINY, ["optim.lr=[1"])
     with pytest.raises(ConfigError, match="normalization=standard .* is what algorithm=opd uses; sage_opd accepts"):
         load_config(TINY, ["loss.normalization=standard"])
+    with pytest.raises(ConfigError, match=r"loss.judge_floor must be in \[0, 1\], got 2"):
+        load_config(TINY, ["loss.judge_floor=2"])
+    with pytest.raises(ConfigError, match="log.kl_by_turn needs an in-process teacher .*'sft' with no teacher"):
+        load_config(TINY, ["algorithm=sft", "log.kl_by_turn=true"])
     opd = load_config(TINY, ["algorithm=opd", "loss.normalization=standard"])
     assert algorithm_for(opd.algorithm).loss_options(opd.loss).normalization == "standard"
 
@@ -140,6 +144,27 @@ def test_micro_batch_loss_is_the_spec_objective():
                             turn_i[1:2], torch.zeros(1, dtype=torch.bool), chunk_tokens=3)
     assert float(mixed.weighted_loss.detach()) == pytest.approx(float((ce + row1.weighted_loss).detach()), rel=1e-5)
     assert mixed.weight_sum == pytest.approx(4 + row1.weight_sum) and mixed.ce_tokens == 4
+
+
+def test_turn_reverse_kl_splits_a_packed_batch_by_turn():
+    """Per-turn KL sums and token counts of a packed batch (two turns on one row) match each turn's own tokens, and
+    ``reverse_kl_sum`` is the sum over the kept, distilled turns."""
+    from sage_opd.losses import token_losses
+    from sage_opd.objective import reverse_kl_sum, turn_reverse_kl
+
+    torch.manual_seed(1)
+    v, h = 30, 6
+    s_hidden, s_weight, t_hidden, t_weight = torch.randn(2, 8, h), torch.randn(v, h), torch.randn(2, 8, h), torch.randn(v, h)
+    turn_index = torch.full((2, 8), -1)
+    turn_index[0, 1:3], turn_index[0, 5:8], turn_index[1, 2:6] = 0, 1, 2  # turns 0 and 1 packed on row 0
+    kl, tokens = turn_reverse_kl(s_hidden, s_weight, t_hidden, t_weight, turn_index, 3, chunk=3)
+    token_kl = token_losses(s_hidden @ s_weight.T, t_hidden @ t_weight.T)  # [2, 8]
+    expected = [float(token_kl[turn_index == k].sum()) for k in range(3)]
+    assert kl.tolist() == pytest.approx(expected, rel=1e-5) and tokens.tolist() == [2, 3, 4]
+    assert len(set(round(x, 4) for x in expected)) == 3  # the turns differ, so a mixed-up split would show
+    total = reverse_kl_sum(s_hidden, s_weight, t_hidden, t_weight, turn_index, torch.tensor([False, True, False]),
+                           torch.tensor([1.0, 1.0, 0.0]), chunk=3)
+    assert total == pytest.approx(expected[0], rel=1e-5)  # turn 1 is imitated, turn 2 skipped
 
 
 # ---- rollouts ------------------------------------------------------------------------------------
@@ -230,6 +255,37 @@ def test_no_selected_turn_means_no_update(batches, tiny_models, tmp_path):
     (m,) = trainer.train()
     assert m["no_update"] == 1 and m["judge_calls"] == 2 and m["intervention_rate"] == 0.0 and m["loss"] == 0.0
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_kl_by_turn_logs_the_kl_of_kept_skipped_and_expert_matching_turns(batches, tiny_models, tmp_path):
+    """``log.kl_by_turn``: with the judge skipping every valid turn (hard, tau = 1) the step logs the KL of the
+    invalid turns it keeps and of the valid ones it skips, each equal to ``token_kl`` on that group before the
+    update; the expert-matching split follows the turns' expert labels."""
+    batch = RolloutBatch.load(batches["train"])
+    invalid, valid = batch.episodes[0].turns, batch.episodes[1].turns
+    for t in valid:  # the expert's own moves: they match its label
+        t.expert_action = t.action
+    for t in invalid:
+        t.expert_action = "look"
+    batch.save(tmp_path / "labelled.json")
+    cfg = load_config(TINY, overrides(tiny_models, tmp_path / "run", "loss.judge_mode=hard", "loss.tau=1.0",
+                                      f"rollout.from_file={tmp_path / 'labelled.json'}", "optim.steps=1",
+                                      "optim.lr=1e-2", "log.kl_by_turn=true", "log.save_every=0"))
+    trainer = Trainer(cfg)
+    trainer.scorer.tokenize(valid)  # the expert's turns get the student's ids, as in the step
+    kept, skipped = trainer.token_kl(invalid), trainer.token_kl(valid)
+    (m,) = trainer.train()
+    assert m["intervention_rate"] == pytest.approx(len(invalid) / (len(invalid) + len(valid)))
+    assert m["kl/kept"] == pytest.approx(kept, rel=1e-4) and m["kl/skipped"] == pytest.approx(skipped, rel=1e-4)
+    assert abs(kept - skipped) > 1e-3 * kept  # the groups are told apart
+    assert m["kl/expert_same"] == pytest.approx(skipped, rel=1e-4)
+    assert m["kl/expert_other"] == pytest.approx(kept, rel=1e-4)
+    assert m["kl"] == pytest.approx(kept, rel=1e-4)  # the loss's own kl is on the kept turns
+    opd = Trainer(load_config(TINY, overrides(tiny_models, tmp_path / "opd", "algorithm=opd",
+                                              f"rollout.from_file={batches['train']}", "optim.steps=1",
+                                              "log.kl_by_turn=true", "log.save_every=0")))
+    (m,) = opd.train()
+    assert m["kl/skipped"] is None and m["kl/expert_same"] is None and m["kl/kept"] == pytest.approx(m["kl"], rel=1e-4)
 
 
 def test_sft_on_expert_turns_lowers_cross_entropy(batches, tiny_models, tmp_path):
