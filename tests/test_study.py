@@ -136,6 +136,22 @@ def test_offline_sft_learns_the_trained_turns(tiny_models):
     assert nll() < 0.6 * before and result.losses[-1] < 0.6 * result.losses[0]
 
 
+def test_full_10m_profile_builds_models_of_the_issues_sizes():
+    """The `full-10m` profile is the study at the issue's sizes: a teacher of 10-30M parameters, a student of 1-5M,
+    every SPEC method on 3 seeds and every ablation on at least one; what it does not name comes from `full`."""
+    from sage_study.models import count_params, new_model
+
+    full, sized = load_study_config(CONFIG), load_study_config(CONFIG, "full-10m")
+    vocab = type("Vocab", (), {"__len__": lambda self: sized.tokenizer_vocab, "eos_token_id": 0, "pad_token_id": 1})()
+    teacher, student = (count_params(new_model(vocab, m.arch, 0)) for m in (sized.teacher, sized.student))
+    assert 10e6 <= teacher <= 30e6 and 1e6 <= student <= 5e6, (teacher, student)
+    assert count_params(new_model(vocab, full.teacher.arch, 0)) < 10e6  # the full profile's are smaller (stated)
+    seeds = {m.name: m.seeds for m in sized.methods}
+    assert all(len(seeds[m]) == 3 for m in ("opd", "sage_opd", "guided_opd", "sft"))
+    assert {m.name for m in full.methods} == set(seeds) and all(len(s) >= 1 for s in seeds.values())
+    assert sized.out_dir != full.out_dir and sized.data == full.data and sized.train == full.train
+
+
 def test_study_config_profiles_overrides_and_errors(tmp_path):
     full = load_study_config(CONFIG)
     quick = load_study_config(CONFIG, "quick", ["eval.seeds=[0, 1]", "train.optim.steps=3"])
