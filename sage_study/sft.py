@@ -212,6 +212,26 @@ def train_sft(model, tokenizer, examples: Sequence[ChatExample], cfg: SftConfig,
     return result
 
 
+@torch.no_grad()
+def turn_match(model, tokenizer, examples: Sequence[ChatExample]) -> tuple[float, int]:
+    """Share of the examples' trained assistant turns whose every token is the model's argmax under teacher forcing,
+    and the number of turns: how well an SFT run fit its data (a 10M teacher at 37% won 42% of its pool, one at 62%
+    won 89%), without playing a game."""
+    device = next(model.parameters()).device
+    model.eval()
+    good = total = 0
+    for example in examples:
+        ids, labels = encode(tokenizer, example)
+        predicted = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, :-1].argmax(-1)
+        right, inside = True, False
+        for token, label in zip(predicted.tolist() + [None], labels[1:] + [IGNORE]):
+            if label != IGNORE:
+                inside, right = True, right and token == label
+            elif inside:
+                good, total, right, inside = good + right, total + 1, True, False
+    return good / max(total, 1), total
+
+
 def save_model(model, tokenizer, dest: str | Path) -> Path:
     """``save_pretrained`` into ``dest`` atomically and durably (a temporary folder swapped into place)."""
     from sage_gym.durable import replace_dir

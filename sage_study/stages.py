@@ -146,9 +146,15 @@ def _judge_data(study: Study, games: set[str], graded: bool = False) -> list:
 
 
 def train_teacher(study: Study) -> dict[str, Any]:
-    """The teacher: imitation of the expert (and of its recoveries in noisy play), the expert's corrections of the
-    warm student's mistakes on the pool (``data.dagger_plays``), plus judgment examples (Yes/No,
-    and Skip/Weak/Strong on the same turns when ``teacher.graded_judge``)."""
+    """The teacher, trained on ``teacher_examples``."""
+    examples, counts = teacher_examples(study)
+    return {**_sft(study, "teacher", examples, study.teacher_path), **counts}
+
+
+def teacher_examples(study: Study) -> tuple[list, dict[str, int]]:
+    """The teacher's SFT examples and their counts by kind: imitation of the expert (and of its recoveries in noisy
+    play), the expert's corrections of the warm student's mistakes on the pool (``data.dagger_plays``), plus judgment
+    examples (Yes/No, and Skip/Weak/Strong on the same turns when ``teacher.graded_judge``)."""
     cfg, games = study.cfg, study.games()
     imitation = D.with_swaps(_records(study, "expert") + _noisy(study), cfg.teacher.swaps, cfg.data.seed)
     corrections = (D.correction_examples(_records(study, "student-pool"), cfg.data.dagger_turns)
@@ -161,10 +167,8 @@ def train_teacher(study: Study) -> dict[str, Any]:
     if cfg.teacher.graded_judge:
         graded = D.balance(_judge_data(study, judged, graded=True), cfg.data.seed, limit)
         examples += D.judge_examples(graded, _history_messages(study), graded=True)
-    info = _sft(study, "teacher", examples, study.teacher_path)
-    return {**info, "imitation_examples": len(imitation), "correction_examples": len(corrections),
-            "judge_examples": len(labelled),
-            "graded_judge_examples": len(graded)}
+    return examples, {"imitation_examples": len(imitation), "correction_examples": len(corrections),
+                      "judge_examples": len(labelled), "graded_judge_examples": len(graded)}
 
 
 def judge_eval(study: Study) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from sage_opd.config import ConfigError
 from sage_opd.judge import JudgeConfig, JudgeTurn, TurnJudge
 from sage_study import data as D
 from sage_study.config import load_study_config
-from sage_study.sft import ChatExample, SftConfig, encode, train_sft
+from sage_study.sft import ChatExample, SftConfig, encode, train_sft, turn_match
 
 CONFIG = "configs/study/alfworld_cpu.yaml"
 
@@ -134,6 +134,33 @@ def test_offline_sft_learns_the_trained_turns(tiny_models):
     result = train_sft(model, tok, examples, SftConfig(epochs=40, lr=1e-2, warmup=0.1))
     assert result.steps == 40 and len(result.losses) == 40
     assert nll() < 0.6 * before and result.losses[-1] < 0.6 * result.losses[0]
+
+
+class _Oracle(torch.nn.Module):
+    """Logits whose argmax is the given next token at every position (``wrong``: positions answered wrongly)."""
+
+    def __init__(self, ids: list[int], wrong: set[int], vocab: int):
+        super().__init__()
+        self.ids, self.wrong, self.vocab, self.anchor = ids, wrong, vocab, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, use_cache=False):
+        logits = torch.zeros(1, len(self.ids), self.vocab)
+        for at, token in enumerate(self.ids[1:] + [0]):
+            logits[0, at, (token + (at + 1 in self.wrong)) % self.vocab] = 1.0
+        return type("Out", (), {"logits": logits})
+
+
+def test_turn_match_counts_a_turn_right_only_when_every_token_of_it_is(tiny_models):
+    tok = AutoTokenizer.from_pretrained(tiny_models["student"])
+    example = ChatExample(_record([("go to desk 1", "go to desk 1", "ok"), ("look", "look", "ok"),
+                                   ("take mug 1 from desk 1", "take mug 1 from desk 1", "ok")])["messages"], [2, 6])
+    ids, labels = encode(tok, example)
+    end = next(at for at, y in enumerate(labels) if y != -100)  # the first trained turn's last token
+    while labels[end + 1] != -100:
+        end += 1
+    assert turn_match(_Oracle(ids, set(), len(tok)), tok, [example]) == (1.0, 2)
+    assert turn_match(_Oracle(ids, {end}, len(tok)), tok, [example]) == (0.5, 2)  # one wrong token fails its turn
+    assert turn_match(_Oracle(ids, {end + 1}, len(tok)), tok, [example]) == (1.0, 2)  # the env's text is not a turn
 
 
 def test_full_10m_profile_builds_models_of_the_issues_sizes():
