@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from sage_opd.config import ConfigError
 from sage_study.config import load_study_config
 from sage_study.driver import Study
 from sage_study.models import new_model
@@ -53,7 +54,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--jsonl", default=None, help="append each run's JSON line to this file too")
     args = parser.parse_args()
-    study = Study(load_study_config(args.config, args.profile, [f"out_dir={args.study_dir}"]))
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"error: --device {args.device}, but torch sees no CUDA device here; use --device cpu")
+    try:
+        study = Study(load_study_config(args.config, args.profile, [f"out_dir={args.study_dir}"]))
+    except (ConfigError, OSError) as e:
+        sys.exit(f"error: {e}")
     if not (study.out / "stages" / "student_pool.json").exists():
         sys.exit(f"error: {args.study_dir} has no finished data stages: run `sage study` with this config and profile "
                  f"and out_dir={args.study_dir} until its teacher stage starts")
