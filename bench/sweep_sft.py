@@ -60,9 +60,13 @@ def main() -> None:
         study = Study(load_study_config(args.config, args.profile, [f"out_dir={args.study_dir}"]))
     except (ConfigError, OSError) as e:
         sys.exit(f"error: {e}")
-    if not (study.out / "stages" / "student_pool.json").exists():
-        sys.exit(f"error: {args.study_dir} has no finished data stages: run `sage study` with this config and profile "
-                 f"and out_dir={args.study_dir} until its teacher stage starts")
+    names = [stage.name for stage in study.stages()]
+    if "teacher" not in names:
+        sys.exit("error: this profile loads its teacher from teacher.path; there is no teacher SFT to sweep")
+    missing = [name for name in names[:names.index("teacher")] if study.done(name) is None]
+    if missing:
+        sys.exit(f"error: {args.study_dir} lacks the stages before the teacher's ({', '.join(missing)}): run `sage "
+                 f"study` with this config and profile and out_dir={args.study_dir} until its teacher stage starts")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(study.tokenizer_path)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -349,3 +353,27 @@ def test_a_limited_balance_keeps_both_answers_in_equal_numbers():
     whole = D.balance(turns, seed=0)
     assert len(whole) == 40 and sum(y for _, y in whole) == 20 and len({t for t, _ in whole}) == 40
     assert D.balance(turns, seed=1, limit=10) != kept
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for --device cuda on a machine without CUDA")
+def test_sweep_sft_rejects_bad_input_with_a_one_line_error_and_exit_code(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+
+    def sweep(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "bench/sweep_sft.py", *args], cwd=root, capture_output=True, text=True,
+                              timeout=300)
+
+    bad_field = sweep("--study-dir", str(tmp_path), "--recipe", '{"lrr": 1}')
+    assert bad_field.returncode == 2 and "--recipe takes SftConfig fields" in bad_field.stderr and "lr," in bad_field.stderr
+    not_json = sweep("--study-dir", str(tmp_path), "--recipe", "lr=1")
+    assert not_json.returncode == 2 and "--recipe takes a JSON object" in not_json.stderr
+    for args, message in [(["--profile", "nope"], "Unknown profile 'nope'"),
+                          (["--config", str(tmp_path / "none.yaml")], "does not exist"),
+                          (["--device", "cuda"], "torch sees no CUDA device")]:
+        run = sweep("--study-dir", str(tmp_path), *args)
+        assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "games.json").write_text("{}")
+    empty = sweep("--study-dir", str(tmp_path), "--profile", "quick")
+    assert empty.returncode == 1 and "lacks the stages before the teacher's (expert, pool" in empty.stderr
+    assert "games," not in empty.stderr  # a done stage is not reported missing
