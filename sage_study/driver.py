@@ -2,7 +2,9 @@
 
 Stages write into ``out_dir`` and record ``stages/<name>.json`` (what they made, their wall time)
 when they finish; the episode stages (the evaluation runner) and the training runs (``--resume``)
-also resume from inside. ``Study(cfg).run()`` runs what is missing and returns the results.
+also resume from inside. ``Study(cfg).run()`` runs what is missing and returns the results. The report
+written while runs are missing (``--only report``) covers the finished ones and is not recorded, so the
+study's next run rewrites it.
 """
 
 from __future__ import annotations
@@ -151,7 +153,9 @@ class Study:
                 t0 = time.perf_counter()
                 info = stage.run() or {}
                 record = {"stage": stage.name, "seconds": round(time.perf_counter() - t0, 1), **info}
-                atomic_json(self.stage_dir / f"{stage.name.replace('/', '__')}.json", record)
+                if not info.get("incomplete"):  # a stage that did part of its job (a report before every run
+                    # finished) is not recorded, so the next run does it again
+                    atomic_json(self.stage_dir / f"{stage.name.replace('/', '__')}.json", record)
                 finished += 1
             if record is not None:
                 records[stage.name] = record

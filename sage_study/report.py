@@ -120,8 +120,9 @@ def _judge_on_rollouts(run_dirs: list[Path]) -> dict[str, Any]:
             "auroc": auroc([r["p_yes"] for r in labelled], labels)}
 
 
-def _plot_curves(study: Study, out: Path) -> list[str]:
-    """Learning curves per method (mean over training seeds): rollout success, KL, intervention rate."""
+def _plot_curves(study: Study, seeds: dict[str, list[int]], out: Path) -> list[str]:
+    """Learning curves per method (mean over its finished training seeds ``seeds[name]``): rollout success, KL,
+    intervention rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,7 +135,7 @@ def _plot_curves(study: Study, out: Path) -> list[str]:
     for i, method in enumerate(study.cfg.methods):
         # one colour and line style per method in every panel (a panel skips methods without that metric)
         style = {"color": plt.get_cmap("tab10")(i % 10), "linestyle": ("-", "--", ":")[i // 10 % 3]}
-        runs = [_metrics(study.run_dir(method.name, s)) for s in method.seeds]
+        runs = [_metrics(study.run_dir(method.name, s)) for s in seeds.get(method.name, [])]
         for ax, (key, title) in zip(axes, panels):
             by_step: dict[int, list[float]] = defaultdict(list)
             for run in runs:
@@ -177,18 +178,35 @@ def _plot_methods(table: list[dict], panel: str, out: Path) -> str:
     return name
 
 
+def finished_runs(study: Study) -> tuple[dict[str, list[int]], list[str]]:
+    """The training seeds of each method whose training and evaluation stages are both recorded, and the runs
+    (``method/seed``) that are not: a report written before the study ends covers only finished runs."""
+    seeds: dict[str, list[int]] = {}
+    missing = []
+    for method in study.cfg.methods:
+        for s in method.seeds:
+            if study.done(f"train/{method.name}/{s}") and study.done(f"eval/{method.name}/{s}"):
+                seeds.setdefault(method.name, []).append(s)
+            else:
+                missing.append(f"{method.name}/{s}")
+    return seeds, missing
+
+
 def write_report(study: Study) -> dict[str, Any]:
-    """Compute every result, write results.json, report.md, plots/ and report.html; return the headline."""
+    """Compute every result from the finished runs, write results.json, report.md, plots/ and report.html;
+    return the headline (``incomplete`` when some runs are not finished yet)."""
     from sage_evals.leaderboard import find_runs
     from sage_evals.report import write_report as write_html
 
     cfg, out = study.cfg, study.out
     panels = [p[0] for p in study.panels()]
+    seeds, missing = finished_runs(study)
+    methods = [m for m in cfg.methods if m.name in seeds]
     models = [("teacher", {"teacher": _episodes_by_panel(study, "teacher")}),
               ("student-warm", {"student-warm": _episodes_by_panel(study, "student-warm")})]
-    for method in cfg.methods:
+    for method in methods:
         models.append((method.name, {f"{method.name}-seed{s}": _episodes_by_panel(study, f"{method.name}-seed{s}")
-                                     for s in method.seeds}))
+                                     for s in seeds[method.name]}))
     table, comparisons = [], []
     baseline = dict(models).get(cfg.baseline)
     for name, runs in models:
@@ -201,14 +219,14 @@ def write_report(study: Study) -> dict[str, Any]:
                 comparisons.append({"model": name, "panel": panel, **compare(base, other),
                                     "by_task_type": by_task_type(base, other)})
     plots = out / PLOTS
-    figures = _plot_curves(study, plots) if cfg.methods else []
+    figures = _plot_curves(study, seeds, plots) if methods else []
     figures += [_plot_methods(table, p, plots) for p in panels]
     judge = {"held_out": study.done("judge_eval"),
-             "rollouts": _judge_on_rollouts([study.run_dir(m.name, s) for m in cfg.methods if m.algorithm == "sage_opd"
-                                             for s in m.seeds])}
+             "rollouts": _judge_on_rollouts([study.run_dir(m.name, s) for m in methods if m.algorithm == "sage_opd"
+                                             for s in seeds[m.name]])}
     training = {}
-    for method in cfg.methods:
-        runs = [_metrics(study.run_dir(method.name, s)) for s in method.seeds]
+    for method in methods:
+        runs = [_metrics(study.run_dir(method.name, s)) for s in seeds[method.name]]
         steps = [m for run in runs for m in run]
         if steps:
             training[method.name] = {
@@ -223,15 +241,16 @@ def write_report(study: Study) -> dict[str, Any]:
     stages = {name: rec.get("seconds") for name, rec in _stage_records(study).items()}
     results = {"profile": cfg.profile, "config": cfg.to_dict(), "panels": panels, "table": table,
                "comparisons": comparisons, "judge": judge, "training": training, "stage_seconds": stages,
-               "figures": figures, "version": _version(), "commit": _commit(), "command": _command()}
+               "figures": figures, "missing_runs": missing, "version": _version(), "commit": _commit(),
+               "command": _command()}
     from sage_study.driver import atomic_json
 
     atomic_json(out / "results.json", results)
     (out / "report.md").write_text(render_markdown(results))
-    runs = find_runs([out / "evals"])
+    runs = find_runs([out / "evals"]) if (out / "evals").is_dir() else []  # none before the first evaluation
     if runs:
         write_html(runs, out / "report.html")
-    return {"table_rows": len(table), "comparisons": len(comparisons)}
+    return {"table_rows": len(table), "comparisons": len(comparisons), "incomplete": bool(missing)}
 
 
 def _episodes_by_panel(study: Study, name: str) -> dict[str, list[dict]]:
@@ -285,6 +304,10 @@ def render_markdown(r: dict[str, Any]) -> str:
              + f"; evaluation seeds {cfg['eval']['seeds']}, temperature {cfg['eval']['temperature']}, "
              f"at most {cfg['eval']['max_new_tokens']} new tokens per turn, turn cap {cfg['envs']['max_turns']}.",
              *(["", f"Written by `{r['command']}`."] if r.get("command") else []),
+             *(["", f"**Partial report: {len(r['missing_runs'])} training runs are not finished** (trained and "
+                    f"evaluated): {', '.join(r['missing_runs'])}. Every table and figure below covers the finished "
+                    "runs only; the study's next run finishes the others and rewrites this report."]
+               if r.get("missing_runs") else []),
              "", "## Success by model", "",
              "Mean success over games (each game averaged over all its episodes) with a 95% game-bootstrap "
              "interval; std over seeds is the std of per-run (or per-evaluation-seed) means.", "",

@@ -377,3 +377,37 @@ def test_sweep_sft_rejects_bad_input_with_a_one_line_error_and_exit_code(tmp_pat
     empty = sweep("--study-dir", str(tmp_path), "--profile", "quick")
     assert empty.returncode == 1 and "lacks the stages before the teacher's (expert, pool" in empty.stderr
     assert "games," not in empty.stderr  # a done stage is not reported missing
+
+
+def test_a_report_before_the_study_ends_covers_only_finished_runs_and_is_written_again(tmp_path):
+    import json
+
+    from sage_study.driver import Study, atomic_json
+    from sage_study.report import finished_runs
+
+    cfg = load_study_config(CONFIG, "quick", [f"out_dir={tmp_path}"])
+    study = Study(cfg)
+    atomic_json(tmp_path / "games.json", {"pool": ["train/a", "train/b"]})
+    for stage in ("train/opd/0", "eval/opd/0", "train/sage_opd/0"):  # sage_opd/0 trained, not yet evaluated
+        atomic_json(study.stage_dir / f"{stage.replace('/', '__')}.json", {"stage": stage, "seconds": 1.0})
+    for method, seconds in (("opd", 2.0), ("sage_opd", 9.0)):
+        run = study.run_dir(method, 0)
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "time/step": seconds, "rollout_success": 0.5,
+                                                       "judge_calls": 4}) + "\n")
+    assert finished_runs(study) == ({"opd": [0]}, ["sage_opd/0"])
+
+    records = study.run(only=["report"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    # the unfinished run's steps are in no table: only opd's 2.0 s/step, and no judge figures from sage_opd
+    assert set(results["training"]) == {"opd"} and results["training"]["opd"]["seconds_per_step"] == 2.0
+    assert results["missing_runs"] == ["sage_opd/0"] and results["judge"]["rollouts"] == {"judged_turns": 0}
+    assert "Partial report: 1 training runs are not finished" in (tmp_path / "report.md").read_text()
+    # the report ran (the CLI publishes it) but is not recorded, so the study's next run writes it again
+    assert records["report"]["incomplete"] and study.done("report") is None
+
+    atomic_json(study.stage_dir / "eval__sage_opd__0.json", {"stage": "eval/sage_opd/0", "seconds": 1.0})
+    study.run(only=["report"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["training"]) == {"opd", "sage_opd"} and results["missing_runs"] == []
+    assert "Partial report" not in (tmp_path / "report.md").read_text() and study.done("report") is not None
