@@ -123,8 +123,12 @@ class Study:
 
         return lambda: s.evaluate_run(self, method, seed)
 
+    def record_path(self, name: str) -> Path:
+        """Where stage ``name`` (e.g. ``train/opd/0``) records that it finished."""
+        return self.stage_dir / f"{name.replace('/', '__')}.json"
+
     def done(self, name: str) -> dict[str, Any] | None:
-        path = self.stage_dir / f"{name.replace('/', '__')}.json"
+        path = self.record_path(name)
         return json.loads(path.read_text()) if path.is_file() else None
 
     def run(self, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -155,7 +159,7 @@ class Study:
                 record = {"stage": stage.name, "seconds": round(time.perf_counter() - t0, 1), **info}
                 if not info.get("incomplete"):  # a stage that did part of its job (a report before every run
                     # finished) is not recorded, so the next run does it again
-                    atomic_json(self.stage_dir / f"{stage.name.replace('/', '__')}.json", record)
+                    atomic_json(self.record_path(stage.name), record)
                 finished += 1
             if record is not None:
                 records[stage.name] = record

@@ -389,7 +389,7 @@ def test_a_report_before_the_study_ends_covers_only_finished_runs_and_is_written
     study = Study(cfg)
     atomic_json(tmp_path / "games.json", {"pool": ["train/a", "train/b"]})
     for stage in ("train/opd/0", "eval/opd/0", "train/sage_opd/0"):  # sage_opd/0 trained, not yet evaluated
-        atomic_json(study.stage_dir / f"{stage.replace('/', '__')}.json", {"stage": stage, "seconds": 1.0})
+        atomic_json(study.record_path(stage), {"stage": stage, "seconds": 1.0})
     for method, seconds in (("opd", 2.0), ("sage_opd", 9.0)):
         run = study.run_dir(method, 0)
         run.mkdir(parents=True)
@@ -406,7 +406,7 @@ def test_a_report_before_the_study_ends_covers_only_finished_runs_and_is_written
     # the report ran (the CLI publishes it) but is not recorded, so the study's next run writes it again
     assert records["report"]["incomplete"] and study.done("report") is None
 
-    atomic_json(study.stage_dir / "eval__sage_opd__0.json", {"stage": "eval/sage_opd/0", "seconds": 1.0})
+    atomic_json(study.record_path("eval/sage_opd/0"), {"stage": "eval/sage_opd/0", "seconds": 1.0})
     study.run(only=["report"])
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["training"]) == {"opd", "sage_opd"} and results["missing_runs"] == []
