@@ -58,7 +58,7 @@ class ModelConfig:
     arch: Arch = field(default_factory=Arch)
     sft: SftConfig = field(default_factory=SftConfig)
     swaps: int = 3  # object-renamed copies of each imitation episode (data.swap_object): they teach copying the task
-    judge_share: float = 0.5  # teacher only: judgment examples per imitation example (before balancing)
+    judge_share: float | None = 0.5  # teacher only: judgment examples per imitation example (None: every balanced turn)
     graded_judge: bool = False  # teacher only: also Skip/Weak/Strong answers on the same turns (loss.judge_mode=graded)
 
 

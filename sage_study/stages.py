@@ -160,7 +160,7 @@ def teacher_examples(study: Study) -> tuple[list, dict[str, int]]:
     corrections = (D.correction_examples(_records(study, "student-pool"), cfg.data.dagger_turns)
                    if cfg.data.dagger_plays else [])
     judged = set(games["noisy"]) | set(games["judge"]) | (set(games["pool"]) if cfg.data.noisy_pool else set())
-    limit = int(cfg.teacher.judge_share * len(imitation))
+    limit = None if cfg.teacher.judge_share is None else int(cfg.teacher.judge_share * len(imitation))
     labelled = D.balance(_judge_data(study, judged), cfg.data.seed, limit)
     examples = imitation + corrections + D.judge_examples(labelled, _history_messages(study))
     graded = []

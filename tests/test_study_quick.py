@@ -88,7 +88,7 @@ def test_the_judge_judges_real_student_turns(quick):
     draws above: AUROC 0.80, 0.95 and 0.86 against the expert's labels, Yes to 59-73% of turns. A judge trained on
     Yes answers alone (a bug until then) said Yes to every turn, AUROC 0.42-0.49. A judge trained on 32 judgment
     examples (judge_share 0.5) judged another host's draw at AUROC 0.54; with every balanced labelled turn (178,
-    the profile's judge_share 3.0) the same draw's judge reached 0.92, another draw's 0.96 (docs/study.md)."""
+    the profile's judge_share null) the same draw's judge reached 0.92 (another draw, 14 teacher epochs: 0.96)."""
     rollouts = quick["results"]["judge"]["rollouts"]
     assert 0.0 < rollouts["judge_yes_rate"] < 1.0 and rollouts["auroc"] > 0.6, rollouts
     training = quick["results"]["training"]
